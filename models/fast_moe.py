@@ -1,0 +1,100 @@
+"""Fast expert mixture for MoE layers whose experts share ``V`` and ``W2``.
+
+For a token x routed to experts ``e_1..e_k`` with gates ``g_j`` (summing to 1)::
+
+    y = sum_j g_j W2(silu(W_{e_j} x) * V x) = W2(V x * sum_j g_j silu(W_{e_j} x))
+
+so ``V x`` and ``W2`` are needed once per token, not once per expert.
+
+Dispatch: one matmul computes ``[W_0; ...; W_{E-1}; V] x`` for every token, then the k
+selected ``W_e x`` blocks are gathered, activated and mixed. This spends (E - k) extra expert
+blocks of FLOPs (E is 3 to 5 here) but every matmul has a fixed shape: no per-expert
+gather/scatter of tokens, no host synchronisation on routing counts (good on GPUs), and
+oneDNN's JIT-compiled kernels (see :mod:`models.fast_ops`) are reused from step to step
+instead of being rebuilt for each new number of routed tokens. Forward and backward are
+written by hand (:class:`ExpertMixture`) to keep the number of tensor operations small: at
+this model's sizes per-op overhead matters as much as FLOPs.
+
+Every expert's ``W`` is part of the matmul whether or not a token was routed to it, so every
+parameter receives a gradient (zero for an unused expert) on every step.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from models.fast_ops import matmul_nt, matmul_tn
+
+
+def _gate_weighted_sum(gates: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """gates (T, k), values (T, k, d) -> sum_j gates[:, j] * values[:, j] (T, d)."""
+    out = values[:, 0] * gates[:, :1]
+    for j in range(1, gates.shape[1]):
+        out.addcmul_(values[:, j], gates[:, j:j + 1])
+    return out
+
+
+def _silu_and_grad(pre: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    sig = torch.sigmoid(pre)
+    return pre * sig, sig * (1 + pre * (1 - sig))
+
+
+class ExpertMixture(torch.autograd.Function):
+    """``y = W2(V x * sum_j g_j silu(W_{e_j} x))`` for every token.
+
+    Inputs: x (T, dim); topk_idx (T, k) and gates (T, k); ``stacked_weight`` ((E + 1) dh, dim)
+    and ``stacked_bias`` ((E + 1) dh,), the experts' ``W`` followed by the shared ``V``;
+    ``w2_weight`` (dim, dh) and ``w2_bias`` (dim,). Output (T, dim).
+    """
+
+    @staticmethod
+    def forward(ctx, x, topk_idx, gates, stacked_weight, stacked_bias, w2_weight, w2_bias):
+        T, k = gates.shape
+        dh = w2_weight.shape[1]
+        pre = matmul_nt(x, stacked_weight, stacked_bias).view(T, -1, dh)  # (T, E + 1, dh)
+        num_experts = pre.shape[1] - 1
+        # rows of pre viewed as (T * (E + 1), dh) that hold W_e x of the routed experts
+        index = (topk_idx + torch.arange(0, T * (num_experts + 1), num_experts + 1,
+                                         device=x.device).unsqueeze(1)).view(-1)
+        selected = pre.view(-1, dh).index_select(0, index).view(T, k, dh)
+        mixed = _gate_weighted_sum(gates, F.silu(selected))
+        hidden = mixed * pre[:, num_experts]
+        ctx.save_for_backward(x, index, gates, pre, selected, hidden, stacked_weight, w2_weight)
+        return matmul_nt(hidden, w2_weight, w2_bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, index, gates, pre, selected, hidden, stacked_weight, w2_weight = ctx.saved_tensors
+        num_experts = pre.shape[1] - 1
+        grad_w2 = matmul_tn(grad_y, hidden)
+        grad_w2_bias = grad_y.sum(0)
+        grad_hidden = matmul_nt(grad_y, w2_weight.t().contiguous())
+
+        act, act_grad = _silu_and_grad(selected)
+        v_out = pre[:, num_experts]
+        grad_pre = torch.zeros_like(pre)
+        torch.mul(grad_hidden, _gate_weighted_sum(gates, act), out=grad_pre[:, num_experts])
+        grad_mixed = grad_hidden * v_out
+        grad_gates = (grad_mixed.unsqueeze(1) * act).sum(2)
+        # a token's k experts are distinct, so the scatter writes each block at most once
+        grad_selected = grad_mixed.unsqueeze(1) * gates.unsqueeze(2) * act_grad
+        grad_pre.view(-1, grad_pre.shape[2]).index_copy_(0, index, grad_selected.view(len(index), -1))
+        grad_pre = grad_pre.view(x.shape[0], -1)
+
+        grad_x = matmul_nt(grad_pre, stacked_weight.t().contiguous())
+        grad_stacked = matmul_tn(grad_pre, x)
+        return (grad_x, None, grad_gates, grad_stacked, grad_pre.sum(0), grad_w2, grad_w2_bias)
+
+
+def expert_mixture(x: torch.Tensor, topk_idx: torch.Tensor, topk_gates: torch.Tensor,
+                   w_weights: Sequence[torch.Tensor], w_biases: Sequence[torch.Tensor],
+                   v_weight, v_bias, w2_weight, w2_bias) -> torch.Tensor:
+    """x (T, dim), routing (T, k) -> mixture of the routed experts (T, dim), no dropout."""
+    stacked_weight = torch.cat([*w_weights, v_weight])
+    stacked_bias = torch.cat([*w_biases, v_bias])
+    dtype = x.dtype
+    return ExpertMixture.apply(x, topk_idx, topk_gates.to(dtype), stacked_weight.to(dtype),
+                               stacked_bias.to(dtype), w2_weight.to(dtype), w2_bias.to(dtype))

@@ -1,0 +1,643 @@
+"""MoE-MAE: a metadata-aware mixture-of-experts masked autoencoder for Earth observation.
+
+The architecture of arXiv 2509.10919 (about 2.5M parameters for size S):
+
+* tokens: 4 metadata tokens (ISO week, hour, latitude, longitude, each a (sin, cos) pair
+  projected by its own ``Linear(2, dim)``), a CLS token (index 4) and the ``(img/patch)**2``
+  patch tokens of a ``Conv2d`` patch embedding, plus one learned positional embedding over
+  the whole sequence ``[week, hour, lat, lon, CLS, patches...]``;
+* pre-norm encoder layers: grouped-query attention, then a sparse mixture of SwiGLU experts
+  routed by a noisy top-2 gate (Shazeer et al. 2017), with an auxiliary load-balancing loss;
+* a two-layer MoE decoder that reconstructs the masked patches (MAE, mask ratio 0.75).
+
+``state_dict()`` uses the published key layout (``../shared/reference``'s JSON lists it), so
+checkpoints go both ways between the published code and this one.
+
+Attention, gate and MoE have two implementations of their forward pass, selected with
+:func:`use_reference_impl`:
+
+* the fast path (default): fused q/k/v projection and grouped attention
+  (:func:`grouped_attention_cpu` on CPU, SDPA elsewhere); an MoE that computes the shared
+  ``V x`` and ``W2`` once per token (:mod:`models.fast_moe`); matrix
+  products through oneDNN on CPU (:mod:`models.fast_ops`);
+* the reference path: the plain published computation (repeated k/v with an explicit
+  softmax; per expert a gather of its tokens, the full SwiGLU and an ``index_add`` of the
+  gated outputs). Tests use it as the oracle for the fast path.
+
+In ``eval()`` the two paths compute the same function (to fp32 rounding) and the gate adds no
+noise, so repeated calls give bit-identical outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import fast_ops
+from models.fast_ops import linear
+from models.fast_moe import expert_mixture
+
+NUM_META_TOKENS = 4  # week, hour, lat, lon
+CLS_INDEX = NUM_META_TOKENS  # the CLS token follows the metadata tokens
+POOLINGS = ("cls", "mean", "all", "meta_cls")
+CPU_INFERENCE_CHUNK = 64  # images per chunk in CPU inference (see MOEEncoder.forward_features)
+
+# Published sizes. dh = expert hidden width, interpolated from dfirsth (layer 0) to dlasth.
+MODEL_SIZES = {
+    "S": dict(embed_dim=144, depth=15, dfirsth=144, dlasth=72, num_heads=8, num_groups=4),
+    "XS": dict(embed_dim=128, depth=12, dfirsth=96, dlasth=32, num_heads=8, num_groups=4),
+    "XXS": dict(embed_dim=108, depth=9, dfirsth=81, dlasth=27, num_heads=6, num_groups=3),
+}
+
+
+# ----------------------------------------------------------------------------- experts
+
+
+class SwiGLU(nn.Module):
+    """One expert: ``W2(silu(W x) * (V x))`` followed by dropout.
+
+    ``V`` and ``W2`` are passed in so that all experts of one MoE layer share them; ``W`` is
+    the expert's own. Only the reference path calls :meth:`forward`; the fast path reads the
+    weights directly.
+    """
+
+    def __init__(self, dim: int, hidden: int, shared_V: nn.Linear, shared_W2: nn.Linear,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.W = nn.Linear(dim, hidden)
+        self.V = shared_V
+        self.W2 = shared_W2
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.W2(F.silu(self.W(x)) * self.V(x)))
+
+
+class Routing(NamedTuple):
+    """What the gate decided for T tokens routed among E experts (top k)."""
+
+    topk_idx: torch.Tensor  # (T, k) expert ids, best first
+    topk_gates: torch.Tensor  # (T, k) softmax over the k selected noisy logits
+    clean_logits: torch.Tensor  # (T, E) Wg x
+    noisy_logits: torch.Tensor  # (T, E) Wg x + eps * noise_scale (== clean in eval)
+    noise_scale: torch.Tensor  # (T, E) softplus(Wnoise x)
+
+    def dense_gates(self) -> torch.Tensor:
+        """(T, E) gate values, zero outside each token's top k."""
+        gates = self.clean_logits.new_zeros(self.clean_logits.shape)
+        return gates.scatter(1, self.topk_idx, self.topk_gates)
+
+
+class NoisyTopKGate(nn.Module):
+    """Noisy top-k gating: ``H = Wg x + eps * softplus(Wnoise x)``, ``eps ~ N(0, 1)``.
+
+    The noise is drawn in training mode only; in ``eval()`` the gate routes on the clean
+    logits, so inference is deterministic (the published gate was noisy in eval too).
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int = 2):
+        super().__init__()
+        if not 0 < k < num_experts:
+            raise ValueError(f"top-k gate needs 0 < k < num_experts, got k={k}, "
+                             f"num_experts={num_experts}")
+        self.Wg = nn.Linear(dim, num_experts)
+        self.Wnoise = nn.Linear(dim, num_experts)
+        self.k = k
+        self.use_reference = False
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x: (T, dim) -> :class:`Routing`."""
+        if self.use_reference:
+            clean, noise_logits = self.Wg(x), self.Wnoise(x)
+        else:
+            clean, noise_logits = linear(
+                x, torch.cat([self.Wg.weight, self.Wnoise.weight]),
+                torch.cat([self.Wg.bias, self.Wnoise.bias])).chunk(2, dim=-1)
+        noise_scale = F.softplus(noise_logits)
+        noisy = clean + torch.randn_like(clean) * noise_scale if self.training else clean
+        topk_vals, topk_idx = noisy.topk(self.k, dim=-1)
+        return Routing(topk_idx, topk_vals.softmax(dim=-1), clean, noisy, noise_scale)
+
+
+def coefficient_of_variation(x: torch.Tensor) -> torch.Tensor:
+    return x.std(unbiased=False) / (x.mean() + 1e-6)
+
+
+def load_balancing_loss(routing: Routing, w_importance: float = 1e-2,
+                        w_load: float = 1e-2) -> torch.Tensor:
+    """``w_importance * CV(importance) + w_load * CV(load)`` (Shazeer et al. 2017, sec. 4).
+
+    importance_e = sum over tokens of the gate value of expert e. load_e = sum over tokens
+    of P(expert e stays in the top k when only its own noise is redrawn)
+    ``= Phi((clean_e - threshold_e) / noise_scale_e)``, where threshold_e is the k-th largest
+    noisy logit among the *other* experts: the (k+1)-th largest overall for an expert inside
+    the top k, the k-th largest otherwise.
+
+    This is the paper's estimator. The published code instead clamps each expert's own noisy
+    logit into [(k+1)-th, k-th largest] and uses that as its threshold: the k-th largest for
+    an expert inside the top k (instead of the (k+1)-th) and the (k+1)-th for one outside
+    (instead of the k-th). Checkpoints are unaffected; the balancing loss, and so training,
+    differ slightly.
+    """
+    noisy, k = routing.noisy_logits, routing.topk_idx.shape[1]
+    top_vals = noisy.topk(k + 1, dim=-1).values
+    kth, kth_plus_1 = top_vals[:, k - 1:k], top_vals[:, k:k + 1]
+    in_topk = torch.zeros_like(noisy, dtype=torch.bool).scatter(1, routing.topk_idx, True)
+    threshold = torch.where(in_topk, kth_plus_1, kth)
+    load = torch.special.ndtr((routing.clean_logits - threshold) / routing.noise_scale).sum(0)
+    importance = routing.dense_gates().sum(0)
+    return w_importance * coefficient_of_variation(importance) + \
+        w_load * coefficient_of_variation(load)
+
+
+class MoELayer(nn.Module):
+    """Sparse mixture of SwiGLU experts with a noisy top-k gate.
+
+    Within one layer every expert has its own ``W`` while ``V`` and ``W2`` are shared, so for a
+    token with gates g_e (summing to 1 over its top k experts)::
+
+        y = sum_e g_e W2(silu(W_e x) * V x) = W2(V x * sum_e g_e silu(W_e x))
+
+    The fast path (:func:`models.fast_moe.expert_mixture`) uses the right-hand side: ``V x``
+    and ``W2`` once per token (the bias of W2 is exact because the gates sum to 1).
+
+    Dropout (training only) is applied once to the combined output in the fast path, instead
+    of to each expert's output before gating as in the reference path; both keep the
+    expectation, and in ``eval()`` the two paths compute the same function.
+
+    Experts that receive no token: in the fast path every expert's ``W`` is part of one
+    matmul over all tokens, so it gets a gradient (exactly zero when unused), and the gate's
+    parameters always get gradients through the load-balancing loss. Every parameter thus
+    receives a gradient on every step, whatever the routing, and DDP runs with
+    ``find_unused_parameters=False``. (The reference path skips unused experts, as published.)
+    """
+
+    def __init__(self, dim: int, hidden: int, num_experts: int = 3, k: int = 2,
+                 dropout: float = 0.1, w_importance: float = 1e-2, w_load: float = 1e-2):
+        super().__init__()
+        self.dim, self.hidden, self.num_experts, self.k = dim, hidden, num_experts, k
+        shared_V, shared_W2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.experts = nn.ModuleList(
+            SwiGLU(dim, hidden, shared_V, shared_W2, dropout) for _ in range(num_experts))
+        self.gate = NoisyTopKGate(dim, num_experts, k)
+        self.dropout = nn.Dropout(dropout)
+        self.w_importance, self.w_load = w_importance, w_load
+        self.use_reference = False
+
+    @property
+    def V(self) -> nn.Linear:
+        return self.experts[0].V
+
+    @property
+    def W2(self) -> nn.Linear:
+        return self.experts[0].W2
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, N, dim) -> (y (B, N, dim), auxiliary loss (scalar))."""
+        flat = x.reshape(-1, self.dim)
+        routing = self.gate(flat)
+        aux_loss = load_balancing_loss(routing, self.w_importance, self.w_load)
+        if self.use_reference:
+            y = self.combine_reference(flat, routing)
+        else:
+            y = fast_ops.dropout(self.combine(flat, routing), self.dropout.p, self.training)
+        return y.view_as(x), aux_loss
+
+    def combine(self, flat: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Fast expert mixture, without dropout. flat: (T, dim) -> (T, dim)."""
+        experts = list(self.experts)
+        return expert_mixture(flat, routing.topk_idx, routing.topk_gates,
+                              [e.W.weight for e in experts], [e.W.bias for e in experts],
+                              self.V.weight, self.V.bias, self.W2.weight, self.W2.bias)
+
+    def combine_reference(self, flat: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The published per-expert loop (dropout included). flat: (T, dim) -> (T, dim)."""
+        gates = routing.dense_gates()
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            tokens = (routing.topk_idx == e).any(dim=1).nonzero().squeeze(1)
+            if tokens.numel() == 0:
+                continue
+            out.index_add_(0, tokens, expert(flat[tokens]) * gates[tokens, e:e + 1])
+        return out
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def grouped_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                          num_groups: int, chunk: int = 64) -> torch.Tensor:
+    """Softmax attention with two batched matmuls per k/v group.
+
+    q (B, N, H * hd) with heads ordered group-major (head j uses group j // (H / G)) and
+    already scaled; k, v (B, N, G * hd). Returns (B, N, H * hd) in the same head order.
+    The queries of the H / G heads sharing a group form one (H / G * N, hd) matrix, so each
+    (sample, group) pair costs two matmuls. On CPU this beats SDPA's flash kernel at this
+    model's head dim of 18. Without autograd, groups are processed ``chunk`` (sample, group)
+    pairs at a time, so the attention matrices stay in cache.
+    """
+    B, N, _ = q.shape
+    G, R = num_groups, num_heads // num_groups
+    hd = k.shape[-1] // G
+    q = q.view(B, N, G, R, hd).permute(0, 2, 3, 1, 4).reshape(B * G, R * N, hd)
+    k_t = k.view(B, N, G, hd).permute(0, 2, 3, 1).reshape(B * G, hd, N)
+    v = v.view(B, N, G, hd).transpose(1, 2).reshape(B * G, N, hd)
+    if torch.is_grad_enabled() and (q.requires_grad or k_t.requires_grad or v.requires_grad):
+        out = torch.bmm(torch.bmm(q, k_t).softmax(-1), v)
+    else:
+        out = q.new_empty(B * G, R * N, hd)
+        for i in range(0, B * G, chunk):
+            scores = torch.bmm(q[i:i + chunk], k_t[i:i + chunk])
+            torch.bmm(scores.softmax(-1), v[i:i + chunk], out=out[i:i + chunk])
+    return out.view(B, G, R, N, hd).permute(0, 3, 1, 2, 4).reshape(B, N, num_heads * hd)
+
+
+class GroupedQueryAttention(nn.Module):
+    """Grouped-query attention: ``num_heads`` query heads share ``num_groups`` k/v heads.
+
+    Query head h uses k/v group ``h % num_groups`` (the published code repeats k/v with
+    ``unsqueeze(2).repeat``, which interleaves groups). The fast path orders heads group-major
+    (head j uses group ``j // (num_heads // num_groups)``, as SDPA's ``enable_gqa`` does), so it
+    reorders the rows of ``q_proj`` and the matching input columns of ``out_proj``. It runs
+    :func:`grouped_attention_cpu` on CPU and SDPA elsewhere.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, num_groups: int = 4):
+        super().__init__()
+        if dim % num_heads or num_heads % num_groups:
+            raise ValueError(f"need dim % num_heads == 0 and num_heads % num_groups == 0, got "
+                             f"dim={dim}, num_heads={num_heads}, num_groups={num_groups}")
+        self.dim, self.num_heads, self.num_groups = dim, num_heads, num_groups
+        self.head_dim = dim // num_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, num_groups * self.head_dim)
+        self.v_proj = nn.Linear(dim, num_groups * self.head_dim)
+        self.out_proj = nn.Linear(dim, dim)
+        per_group = num_heads // num_groups
+        # SDPA head j = g * per_group + r  <->  published head h = r * num_groups + g
+        sdpa_to_published = [r * num_groups + g for g in range(num_groups)
+                             for r in range(per_group)]
+        self.register_buffer("head_order", torch.tensor(sdpa_to_published), persistent=False)
+        self.use_reference = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, dim) -> (B, N, dim)."""
+        if self.use_reference:
+            return self.forward_reference(x)
+        B, N, _ = x.shape
+        H, G, hd = self.num_heads, self.num_groups, self.head_dim
+        scale = hd ** -0.5  # folded into the query projection
+        q_weight = self.q_proj.weight.view(H, hd, self.dim)[self.head_order].view(self.dim, -1)
+        q_bias = self.q_proj.bias.view(H, hd)[self.head_order].view(-1)
+        qkv = linear(x, torch.cat([q_weight * scale, self.k_proj.weight, self.v_proj.weight]),
+                     torch.cat([q_bias * scale, self.k_proj.bias, self.v_proj.bias]))
+        q, k, v = qkv.split([H * hd, G * hd, G * hd], dim=-1)
+        if x.device.type == "cpu":
+            out = grouped_attention_cpu(q, k, v, H, G)
+        else:
+            out = F.scaled_dot_product_attention(
+                q.view(B, N, H, hd).transpose(1, 2), k.view(B, N, G, hd).transpose(1, 2),
+                v.view(B, N, G, hd).transpose(1, 2), enable_gqa=True, scale=1.0)
+            out = out.transpose(1, 2).reshape(B, N, self.dim)
+        out_weight = self.out_proj.weight.view(self.dim, H, hd)[:, self.head_order]
+        return linear(out, out_weight.reshape(self.dim, self.dim), self.out_proj.bias)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        H, G, hd = self.num_heads, self.num_groups, self.head_dim
+        q = self.q_proj(x).view(B, N, H, hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, N, 1, G, hd).repeat(1, 1, H // G, 1, 1).view(B, N, H, hd)
+        v = self.v_proj(x).view(B, N, 1, G, hd).repeat(1, 1, H // G, 1, 1).view(B, N, H, hd)
+        attn = (q @ k.permute(0, 2, 3, 1)) * hd ** -0.5
+        out = attn.softmax(dim=-1) @ v.transpose(1, 2)
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, self.dim))
+
+
+# ------------------------------------------------------------------------------ encoder
+
+
+class MoETransformerEncoderLayer(nn.Module):
+    """Pre-norm block: ``x = x + attn(norm1(x)); x = x + moe(norm2(x))``."""
+
+    def __init__(self, m: int, dh: int, num_experts: int = 3, k: int = 2, num_heads: int = 8,
+                 num_groups: int = 4, dropout: float = 0.1):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(m)
+        self.attn = GroupedQueryAttention(m, num_heads, num_groups)
+        self.norm2 = nn.LayerNorm(m)
+        self.moe = MoELayer(m, dh, num_experts, k, dropout)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, N, m) -> (x (B, N, m), auxiliary loss)."""
+        x = x + self.attn(self.norm1(x))
+        moe_out, aux_loss = self.moe(self.norm2(x))
+        return x + moe_out, aux_loss
+
+
+def expert_hidden_widths(depth: int, dfirsth: int, dlasth: int) -> List[int]:
+    """Expert hidden width per layer, linearly from ``dfirsth`` down to ``dlasth``."""
+    if depth == 1:
+        return [dfirsth]
+    return [int(((depth - 1 - i) / (depth - 1)) * (dfirsth - dlasth)) + dlasth
+            for i in range(depth)]
+
+
+def experts_per_layer(depth: int, experts_per_stage: Tuple[int, int] = (3, 5)) -> List[int]:
+    """Expert count per layer: three stages of ``depth // 3`` layers (the last stage takes the
+    remainder), with ``first, first + (last - first - 1), first + 2 (last - first - 1)``
+    experts, i.e. 3, 4, 5 for the published ``(3, 5)``."""
+    first, last = experts_per_stage
+    stage_size = max(depth // 3, 1)
+    return [first + min(i // stage_size, 2) * (last - first - 1) for i in range(depth)]
+
+
+class MOEEncoder(nn.Module):
+    """The MoE-MAE encoder.
+
+    ``forward(x, meta_week, meta_hour, meta_lat, meta_lon)`` with x (B, C, H, W) and each
+    meta (B, 2) (sin, cos) pair, or None for missing metadata (treated as zeros), returns
+    ``(normed_tokens, moe_loss, tokens_before_final_norm)``, tokens (B, 5 + num_patches, dim)
+    in the order ``[week, hour, lat, lon, CLS, patches...]``.
+    """
+
+    def __init__(self, *, img_size: int = 40, patch_size: int = 4, in_chans: int = 7,
+                 embed_dim: int = 144, depth: int = 15, dfirsth: int = 144, dlasth: int = 72,
+                 num_heads: int = 8, num_groups: int = 4,
+                 experts_config: Optional[Sequence[int]] = None,
+                 experts_per_stage: Tuple[int, int] = (3, 5), k: int = 2,
+                 dropout: float = 0.1, num_meta_tokens: int = NUM_META_TOKENS):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        if num_meta_tokens != NUM_META_TOKENS:
+            raise ValueError(f"the encoder has exactly {NUM_META_TOKENS} metadata tokens")
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.embed_dim, self.depth = embed_dim, depth
+        self.patch_grid = img_size // patch_size
+        self.num_patches = self.patch_grid ** 2
+        self.num_meta_tokens = num_meta_tokens
+        self.dh_list = expert_hidden_widths(depth, dfirsth, dlasth)
+        self.experts_config = list(experts_config or experts_per_layer(depth, experts_per_stage))
+
+        # Registration order reproduces the published state_dict order.
+        self.patch_proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.week_proj = nn.Linear(2, embed_dim)
+        self.hour_proj = nn.Linear(2, embed_dim)
+        self.lat_proj = nn.Linear(2, embed_dim)
+        self.lon_proj = nn.Linear(2, embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1 + num_meta_tokens,
+                                                  embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.layers = nn.ModuleList(
+            MoETransformerEncoderLayer(embed_dim, dh, experts, k, num_heads, num_groups, dropout)
+            for dh, experts in zip(self.dh_list, self.experts_config))
+        self.norm = nn.LayerNorm(embed_dim)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_meta_tokens + 1 + self.num_patches
+
+    def prepare_tokens(self, x: torch.Tensor, meta_week=None, meta_hour=None, meta_lat=None,
+                       meta_lon=None, ids_keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Embed an image and its metadata, with positional embeddings.
+
+        x: (B, C, H, W); meta_*: (B, 2) or None; ids_keep: (B, K) indices of the patches to
+        keep (MAE masking), or None for all. Returns (B, 5 + K, dim).
+        """
+        B, M = x.shape[0], self.num_meta_tokens
+        patches = self.patch_proj(x).flatten(2).transpose(1, 2) + self.pos_embed[:, M + 1:]
+        if ids_keep is not None:
+            patches = patches.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, self.embed_dim))
+        meta = []
+        for proj, value in ((self.week_proj, meta_week), (self.hour_proj, meta_hour),
+                            (self.lat_proj, meta_lat), (self.lon_proj, meta_lon)):
+            if value is None:
+                value = x.new_zeros(B, 2)
+            meta.append(proj(value.to(x.dtype)))
+        meta_cls = torch.cat([torch.stack(meta, dim=1), self.cls_token.expand(B, -1, -1)], dim=1)
+        return torch.cat([meta_cls + self.pos_embed[:, :M + 1], patches], dim=1)
+
+    def forward_layers(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Run the encoder layers. tokens (B, L, dim) -> (tokens before the final norm,
+        sum of the layers' auxiliary losses)."""
+        moe_loss = tokens.new_zeros(())
+        for layer in self.layers:
+            tokens, aux_loss = layer(tokens)
+            moe_loss = moe_loss + aux_loss
+        return tokens, moe_loss
+
+    def forward(self, x: torch.Tensor, meta_week=None, meta_hour=None, meta_lat=None,
+                meta_lon=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens = self.prepare_tokens(x, meta_week, meta_hour, meta_lat, meta_lon)
+        tokens, moe_loss = self.forward_layers(tokens)
+        return self.norm(tokens), moe_loss, tokens
+
+    def forward_features(self, x: torch.Tensor, meta_week=None, meta_hour=None, meta_lat=None,
+                         meta_lon=None, normed: bool = True,
+                         chunk_size: Optional[int] = None) -> torch.Tensor:
+        """All tokens (B, 5 + num_patches, dim), after the final norm or before it.
+
+        The inference entry point: without autograd on CPU, the batch runs in chunks of
+        ``chunk_size`` images (default :data:`CPU_INFERENCE_CHUNK`), which keeps activations
+        in cache and avoids re-faulting large fresh buffers. Chunking changes results only at
+        the level of fp32 rounding; a given call is deterministic.
+        """
+        return self._in_chunks(x, (meta_week, meta_hour, meta_lat, meta_lon), chunk_size,
+                               lambda tokens: tokens, normed)
+
+    def embed(self, x: torch.Tensor, meta_week=None, meta_hour=None, meta_lat=None,
+              meta_lon=None, pooling: str = "cls", normed: bool = True,
+              chunk_size: Optional[int] = None) -> torch.Tensor:
+        """Embeddings for downstream probes.
+
+        pooling: ``cls`` (B, dim) token 4; ``mean`` (B, dim) mean over all tokens; ``all``
+        (B, L * dim) every token flattened (L = 105 for 40x40 chips and patch 4);
+        ``meta_cls`` (B, 5 * dim) the four metadata tokens and CLS flattened.
+        normed: take tokens after the final LayerNorm (True) or before it (False; the
+        published notebooks used these). chunk_size: see :meth:`forward_features`.
+        """
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        return self._in_chunks(x, (meta_week, meta_hour, meta_lat, meta_lon), chunk_size,
+                               lambda tokens: pool_tokens(tokens, pooling), normed)
+
+    def _in_chunks(self, x, metas, chunk_size, finish, normed):
+        if chunk_size is None:
+            inference_on_cpu = x.device.type == "cpu" and not torch.is_grad_enabled()
+            chunk_size = CPU_INFERENCE_CHUNK if inference_on_cpu else x.shape[0]
+        outputs = []
+        for start in range(0, x.shape[0], max(chunk_size, 1)):
+            part = slice(start, start + chunk_size)
+            normed_tokens, _, raw_tokens = self(
+                x[part], *(None if m is None else m[part] for m in metas))
+            outputs.append(finish(normed_tokens if normed else raw_tokens))
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
+    """tokens (B, L, dim) -> embeddings, see :meth:`MOEEncoder.embed`."""
+    if pooling == "cls":
+        return tokens[:, CLS_INDEX]
+    if pooling == "mean":
+        return tokens.mean(dim=1)
+    if pooling == "all":
+        return tokens.flatten(1)
+    if pooling == "meta_cls":
+        return tokens[:, :CLS_INDEX + 1].flatten(1)
+    raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+
+
+# ---------------------------------------------------------------------------------- MAE
+
+
+class MOEMAE(nn.Module):
+    """Masked autoencoder around a :class:`MOEEncoder`, with a small MoE decoder.
+
+    ``forward(imgs, meta_week, meta_hour, meta_lat, meta_lon)`` returns
+    ``(pred, mask, ids_restore, moe_loss)``: pred (B, N, p*p*C) in the patch order of
+    :meth:`patchify`, mask (B, N) with 1 for removed patches, ids_restore (B, N), and the
+    encoder's auxiliary loss (as published, the decoder's auxiliary losses are not included).
+    """
+
+    def __init__(self, encoder: MOEEncoder, decoder_layers: int = 2, decoder_embed: int = 108,
+                 mask_ratio: float = 0.75):
+        super().__init__()
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.patch_embed = encoder.patch_proj  # published alias; shares the parameters
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_embed)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed))
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, encoder.num_patches, decoder_embed))
+        self.decoder_layers = nn.ModuleList(
+            MoETransformerEncoderLayer(decoder_embed, decoder_embed // 2, num_experts=3, k=2,
+                                       num_heads=6, num_groups=3, dropout=0.1)
+            for _ in range(decoder_layers))
+        self.decoder_norm = nn.LayerNorm(decoder_embed)
+        self.decoder_pred = nn.Linear(decoder_embed,
+                                      encoder.patch_size ** 2 * encoder.in_chans)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+
+    def random_masking(self, batch_size: int, mask_ratio: Optional[float] = None,
+                       noise: Optional[torch.Tensor] = None, device=None
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample random masking by argsort of uniform noise.
+
+        Keeps ``int(N * (1 - mask_ratio))`` patches. ``noise`` (B, N) makes the masking
+        reproducible. Returns ids_keep (B, K), ids_restore (B, N), mask (B, N) (1 = removed).
+        """
+        mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        N = self.encoder.num_patches
+        if noise is None:
+            noise = torch.rand(batch_size, N, device=device)
+        elif noise.shape != (batch_size, N):
+            raise ValueError(f"masking noise must have shape {(batch_size, N)}, "
+                             f"got {tuple(noise.shape)}")
+        len_keep = int(N * (1 - mask_ratio))
+        ids_shuffle = noise.argsort(dim=1)
+        ids_restore = ids_shuffle.argsort(dim=1)
+        ids_keep = ids_shuffle[:, :len_keep]
+        mask = torch.ones(batch_size, N, device=noise.device).scatter_(1, ids_keep, 0.0)
+        return ids_keep, ids_restore, mask
+
+    def forward_encoder(self, imgs, meta_week=None, meta_hour=None, meta_lat=None,
+                        meta_lon=None, mask_ratio: Optional[float] = None,
+                        noise: Optional[torch.Tensor] = None):
+        """Returns (normed latent (B, 5 + K, dim), moe_loss, mask, ids_restore)."""
+        ids_keep, ids_restore, mask = self.random_masking(imgs.shape[0], mask_ratio, noise,
+                                                          imgs.device)
+        tokens = self.encoder.prepare_tokens(imgs, meta_week, meta_hour, meta_lat, meta_lon,
+                                             ids_keep)
+        tokens, moe_loss = self.encoder.forward_layers(tokens)
+        return self.encoder.norm(tokens), moe_loss, mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent (B, 5 + K, dim), ids_restore (B, N) -> pred (B, N, p*p*C)."""
+        M = self.encoder.num_meta_tokens
+        x = self.decoder_embed(latent)
+        meta_cls, kept = x[:, :M + 1], x[:, M + 1:]
+        B, K, D = kept.shape
+        N = ids_restore.shape[1]
+        patches = torch.cat([kept, self.mask_token.expand(B, N - K, D)], dim=1)
+        patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
+        x = torch.cat([meta_cls, patches + self.decoder_pos_embed], dim=1)
+        for layer in self.decoder_layers:
+            x, _ = layer(x)
+        return self.decoder_pred(self.decoder_norm(x)[:, M + 1:])
+
+    def forward(self, imgs, meta_week=None, meta_hour=None, meta_lat=None, meta_lon=None,
+                mask_ratio: Optional[float] = None, noise: Optional[torch.Tensor] = None):
+        latent, moe_loss, mask, ids_restore = self.forward_encoder(
+            imgs, meta_week, meta_hour, meta_lat, meta_lon, mask_ratio, noise)
+        return self.forward_decoder(latent, ids_restore), mask, ids_restore, moe_loss
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, p*p*C), the layout of ``F.unfold(imgs, p, stride=p)``."""
+        p = self.encoder.patch_size
+        return F.unfold(imgs, kernel_size=p, stride=p).transpose(1, 2)
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W), the inverse of :meth:`patchify`."""
+        p, size = self.encoder.patch_size, self.encoder.img_size
+        return F.fold(patches.transpose(1, 2), output_size=(size, size), kernel_size=p, stride=p)
+
+    def reconstruction_losses(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Squared error summed over each patch's p*p*C values, averaged over the masked
+        patches of the batch and over the visible ones: (loss_masked, loss_unmasked).
+        A term with no patches (e.g. masked loss at mask ratio 0) is 0."""
+        per_patch = (pred.float() - self.patchify(imgs).float()).pow(2).sum(-1)
+        mask = mask.to(per_patch.dtype)
+        loss_masked = (per_patch * mask).sum() / mask.sum().clamp(min=1)
+        loss_unmasked = (per_patch * (1 - mask)).sum() / (1 - mask).sum().clamp(min=1)
+        return loss_masked, loss_unmasked
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def build_model(size: str = "S", img_size: int = 40, patch_size: int = 4, in_chans: int = 7,
+                **overrides) -> MOEEncoder:
+    """An encoder of a published size (``S``, ``XS``, ``XXS``); wrap it in :class:`MOEMAE`."""
+    if size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    return MOEEncoder(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                      **{**MODEL_SIZES[size], **overrides})
+
+
+def build_mae(size: str = "S", img_size: int = 40, patch_size: int = 4, in_chans: int = 7,
+              mask_ratio: float = 0.75) -> MOEMAE:
+    return MOEMAE(build_model(size, img_size, patch_size, in_chans), mask_ratio=mask_ratio)
+
+
+def moe_layers(model: nn.Module) -> Iterator[Tuple[str, MoELayer]]:
+    """(name, layer) for every MoE layer of a model, encoder first."""
+    return ((name, m) for name, m in model.named_modules() if isinstance(m, MoELayer))
+
+
+@contextlib.contextmanager
+def use_reference_impl(model: nn.Module, enabled: bool = True):
+    """Within the block, attention and MoE layers run the plain published computation."""
+    blocks = [m for m in model.modules()
+              if isinstance(m, (MoELayer, NoisyTopKGate, GroupedQueryAttention))]
+    previous = [m.use_reference for m in blocks]
+    for m in blocks:
+        m.use_reference = enabled
+    try:
+        yield model
+    finally:
+        for m, value in zip(blocks, previous):
+            m.use_reference = value
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (shared V/W2 and the patch_embed alias counted once)."""
+    return sum(p.numel() for p in model.parameters())
