@@ -1,0 +1,73 @@
+"""What the probe scripts share: the probe command-line options, building a probe by name and
+fitting it with one-line warnings."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+import numpy as np
+
+from classification_models.knn import KNNModel
+from classification_models.logistic_regression import LogisticRegressionModel
+from utils.errors import UserInputError
+
+PROBES = ("logreg", "knn")
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that select the features, the task and the probe (both probe scripts)."""
+    parser.add_argument("--multilabel", type=parse_bool, default=None, metavar="true|false",
+                        help="force the task (default: inferred from the training labels)")
+    parser.add_argument("--pool", type=parse_bool, nargs="?", const=True, default=False,
+                        metavar="true|false",
+                        help="average the features over tokens, (N, T*E) -> (N, E); T, E from "
+                             "the file's settings, else T=105. Bare --pool means true")
+    parser.add_argument("--feature-slice", default=None, metavar="a:b",
+                        help="keep feature columns a:b (after --pool), e.g. 576:720")
+    parser.add_argument("--scale", type=parse_bool, nargs="?", const=True, default=False,
+                        metavar="true|false", help="standardise features (fit on train)")
+    parser.add_argument("--probe", choices=PROBES, default="logreg",
+                        help="logistic regression (published) or kNN (default: logreg)")
+    parser.add_argument("--k", type=int, default=5, help="neighbours for --probe knn (default 5)")
+    parser.add_argument("--max-iter", type=int, default=1000,
+                        help="sag iterations for --probe logreg (default 1000)")
+    parser.add_argument("--n-jobs", type=int, default=4,
+                        help="parallel jobs: per-label fits (multilabel logreg) and kNN search; "
+                             "no effect on multiclass logreg (default 4)")
+
+
+def build_probe(probe: str, *, multilabel: bool, scale: bool = False, seed: int = 0,
+                n_jobs=None, k: int = 5, max_iter: int = 1000):
+    if k < 1 or max_iter < 1:
+        raise UserInputError(f"--k and --max-iter must be at least 1, got {k} and {max_iter}")
+    if probe == "logreg":
+        return LogisticRegressionModel(scale=scale, max_iter=max_iter, seed=seed,
+                                       multilabel=multilabel, n_jobs=n_jobs)
+    if probe == "knn":
+        return KNNModel(k=k, scale=scale, multilabel=multilabel, n_jobs=n_jobs)
+    raise ValueError(f"unknown probe {probe!r}; choose from {PROBES}")
+
+
+def fit_probe(model, x: np.ndarray, y: np.ndarray):
+    """Fit, silencing sklearn's multi-line warning about constant label columns: the scripts
+    report those themselves (embeddings.check_training_labels)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Label .*present in all training examples")
+        return model.fit(x, y)
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)

@@ -1,0 +1,129 @@
+"""Train a probe (logistic regression, as published, or kNN) on frozen embeddings and evaluate it.
+
+    python train_logistic_regression.py --train train.npz --val val.npz [--test test.npz] \\
+        --out DIR --name N [--multilabel true|false] [--n-jobs 8] [--feature-slice a:b] \\
+        [--pool [true|false]] [--scale] [--train-fraction f --seed s] [--probe logreg|knn]
+
+Writes ``DIR/{name}_{timestamp}.joblib`` (the fitted model) and ``DIR/{name}_{timestamp}.json``
+(settings, inputs, task, class names, metrics for val and test), both atomically; a second run
+in the same second gets ``{timestamp}-1``. Embedding file format, task inference, --pool and
+--feature-slice: classification_models/embeddings.py. Metric names:
+classification_models/metrics.py.
+
+Differences from the published script: ``--pool false`` really disables pooling (any value used
+to enable it), validation features are pooled with their own row count, pooling takes the token
+count from the file's settings, and one-hot label rows with no 1 are no longer read as class 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from classification_models.embeddings import (check_compatible, check_fraction,
+                                              check_training_labels, label_fraction_indices,
+                                              load_split, parse_feature_slice)
+from classification_models.metrics import HEADLINE_METRIC
+from classification_models.probes import add_probe_arguments, build_probe, fit_probe, warn
+from utils.errors import run_cli
+from utils.files import joblib_dump, write_json
+
+EVAL_ROLES = ("val", "test")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--train", required=True, type=Path, help="training embeddings .npz")
+    parser.add_argument("--val", type=Path, default=None, help="validation embeddings .npz")
+    parser.add_argument("--test", type=Path, default=None, help="test embeddings .npz")
+    parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default .)")
+    parser.add_argument("--name", default=None,
+                        help="base name of the outputs (default: the probe, logreg or knn)")
+    parser.add_argument("--train-fraction", type=float, default=1.0,
+                        help="train on a seeded, label-stratified fraction in (0, 1] of the "
+                             "training rows (default 1)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the training subset and of the sag solver (default 0)")
+    add_probe_arguments(parser)
+    return parser
+
+
+def unique_run_id(out: Path, name: str) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_id, suffix = stamp, 0
+    while any((out / f"{name}_{run_id}{ext}").exists() for ext in (".joblib", ".json")):
+        suffix += 1
+        run_id = f"{stamp}-{suffix}"
+    return run_id
+
+
+def format_metrics(metrics: dict, task: str) -> str:
+    keys = ([HEADLINE_METRIC[task], "map_macro", "f1_micro", "f1_macro"] if task == "multilabel"
+            else [HEADLINE_METRIC[task], "f1_macro", "precision_macro", "recall_macro"])
+    return "  ".join(f"{key} {metrics[key]:.4f}" for key in keys)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    check_fraction(args.train_fraction)
+    if args.feature_slice:
+        parse_feature_slice(args.feature_slice)  # fail on the format before loading large files
+    args.name = args.name or args.probe
+
+    train = load_split(args.train, args.multilabel, args.pool, args.feature_slice)
+    eval_splits = {}
+    for role in EVAL_ROLES:
+        path = getattr(args, role)
+        if path is not None:
+            eval_splits[role] = load_split(path, train.multilabel, args.pool, args.feature_slice)
+            check_compatible(train, eval_splits[role])
+    class_names = train.class_names
+
+    x_fit, y_fit, context = train.x, train.y, ""
+    if args.train_fraction < 1.0:
+        rows = label_fraction_indices(train.y, train.multilabel, args.train_fraction, args.seed)
+        x_fit, y_fit = train.x[rows], train.y[rows]
+        context = f" (--train-fraction {args.train_fraction}, seed {args.seed}: {len(rows)} rows)"
+    for message in check_training_labels(y_fit, train.multilabel, train.path, class_names, context):
+        warn(message)
+
+    print(f"[train] {train.path}  x {tuple(train.x.shape)}  y {tuple(train.y.shape)}  "
+          f"task {train.task}  rows used {len(y_fit)}  probe {args.probe}")
+    model = build_probe(args.probe, multilabel=train.multilabel, scale=args.scale,
+                        seed=args.seed, n_jobs=args.n_jobs, k=args.k, max_iter=args.max_iter)
+    fit_probe(model, x_fit, y_fit)
+
+    metrics = {}
+    for role, split in eval_splits.items():
+        metrics[role], _ = model.evaluate(split.x, split.y, class_names)
+        print(f"[{role}] {split.path}  x {tuple(split.x.shape)}  "
+              f"{format_metrics(metrics[role], train.task)}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_id = unique_run_id(args.out, args.name)
+    model_path = args.out / f"{args.name}_{run_id}.joblib"
+    record_path = args.out / f"{args.name}_{run_id}.json"
+    record = {
+        "run_id": run_id,
+        "settings": {key: str(value) if isinstance(value, Path) else value
+                     for key, value in vars(args).items()},
+        "task": train.task,
+        "multilabel": train.multilabel,
+        "class_names": class_names,
+        "seed": args.seed,
+        "n_train": int(len(y_fit)),
+        "inputs": {"train": train.describe(),
+                   **{role: split.describe() for role, split in eval_splits.items()}},
+        "metrics": metrics,
+        "model_path": str(model_path),
+    }
+    joblib_dump(model, model_path)
+    write_json(record_path, record)
+    print(f"[saved] model:    {model_path}")
+    print(f"[saved] metadata: {record_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
