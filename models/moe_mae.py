@@ -601,6 +601,29 @@ class MOEMAE(nn.Module):
         return loss_masked, loss_unmasked
 
 
+class MAEObjective(nn.Module):
+    """The pretraining loss as a module:
+    ``L_masked + unmasked_weight * L_unmasked + moe_weight * moe_loss`` (0.1 and 0.5 as
+    published), see :meth:`MOEMAE.reconstruction_losses`. Training wraps this module (not the
+    MAE) in DDP, so gradient synchronisation sees the whole computation.
+    """
+
+    def __init__(self, mae: MOEMAE, unmasked_weight: float = 0.1, moe_weight: float = 0.5):
+        super().__init__()
+        self.mae = mae
+        self.unmasked_weight, self.moe_weight = unmasked_weight, moe_weight
+
+    def forward(self, imgs, meta_week=None, meta_hour=None, meta_lat=None, meta_lon=None,
+                mask_ratio: Optional[float] = None, noise: Optional[torch.Tensor] = None):
+        """Returns a dict of scalar tensors: loss, masked, unmasked, moe."""
+        pred, mask, _, moe_loss = self.mae(imgs, meta_week, meta_hour, meta_lat, meta_lon,
+                                           mask_ratio=mask_ratio, noise=noise)
+        masked, unmasked = self.mae.reconstruction_losses(imgs, pred, mask)
+        moe_loss = moe_loss.float()
+        loss = masked + self.unmasked_weight * unmasked + self.moe_weight * moe_loss
+        return {"loss": loss, "masked": masked, "unmasked": unmasked, "moe": moe_loss}
+
+
 # ------------------------------------------------------------------------------ helpers
 
 

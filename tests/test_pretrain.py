@@ -1,0 +1,251 @@
+"""pretrain_mae.py end to end on the bundled sample_dataset (model XXS, small batches)."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import pretrain_mae
+from models.moe_mae import MAEObjective, build_mae
+from utils.errors import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_dataset"
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp_path, epochs=2, **training):
+    config = {
+        "model": {"size": "XXS", "img_size": 40, "patch_size": 4, "in_channels": 7},
+        "training": {
+            "dataset_path": str(SAMPLE),
+            "dataset_csv": str(SAMPLE / "bigearthnet-train.csv"),
+            "epochs": epochs, "batch_size": 32, "learning_rate": 0.001, "weight_decay": 0.05,
+            "weight_path": str(tmp_path / "run"), "num_workers": 0, "save_every_n_epochs": 1,
+            "device": "cpu", **training,
+        },
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_main(args):
+    """pretrain_mae as from the shell: returns the exit status."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(pretrain_mae.main, [str(a) for a in args])
+    return exit_info.value.code
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_epochs_write_checkpoints_csvs_figure_and_config(tmp_path):
+    config = write_config(tmp_path, val_dataset_path=str(SAMPLE),
+                          val_dataset_csv=str(SAMPLE / "bigearthnet-val.csv"))
+    assert run_main(["--config_yaml", config]) == 0
+    run = tmp_path / "run"
+    for name in ("pretrained_XXS_best.pth", "pretrained_XXS_last.pth", "checkpoint_XXS.pth",
+                 "training_metrics_XXS.csv", "expert_usage_XXS.csv", "training_curves_XXS.png",
+                 "config_XXS.yaml"):
+        assert (run / name).is_file(), name
+    last = torch.load(run / "pretrained_XXS_last.pth", weights_only=True)
+    assert last["epoch"] == 1 and last["global_step"] == 2 * last["steps_per_epoch"]
+    assert {"model_state", "opt_state", "scaler_state", "best_train_loss", "rng_state",
+            "config"} <= set(last)
+    assert last["config"]["model"]["size"] == "XXS"
+    build_mae("XXS").load_state_dict(last["model_state"])  # the published layout
+    rows = read_rows(run / "training_metrics_XXS.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"] and all(r["val_m_loss"] for r in rows)
+    usage = read_rows(run / "expert_usage_XXS.csv")
+    layers = {r["layer"] for r in usage}
+    assert "encoder.layers.0" in layers and "decoder_layers.1" in layers
+    for epoch in ("0", "1"):  # top-k shares of a layer sum to k = 2
+        shares = [float(r["topk_share"]) for r in usage
+                  if r["epoch"] == epoch and r["layer"] == "encoder.layers.0"]
+        assert sum(shares) == pytest.approx(2.0, abs=1e-3)
+    resolved = yaml.safe_load((run / "config_XXS.yaml").read_text())
+    assert resolved["training"]["warmup_fraction"] == 0.05  # defaults are filled in
+
+
+def test_masked_loss_falls(tmp_path):
+    config = write_config(tmp_path, epochs=5, seed=1)
+    assert run_main(["--config_yaml", config]) == 0
+    masked = [float(r["train_m_loss"]) for r in
+              read_rows(tmp_path / "run" / "training_metrics_XXS.csv")]
+    assert masked[-1] < 0.6 * masked[0], masked
+
+
+def test_resume_continues_the_schedule_exactly(tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    assert run_main(["--config_yaml", write_config(straight)]) == 0
+
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    config = write_config(interrupted)
+    real_epoch = pretrain_mae.train_one_epoch
+    calls = []
+
+    def stop_at_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_mae, "train_one_epoch", stop_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_mae.main(["--config_yaml", str(config)])
+    monkeypatch.setattr(pretrain_mae, "train_one_epoch", real_epoch)
+    assert len(read_rows(interrupted / "run" / "training_metrics_XXS.csv")) == 1
+    assert run_main(["--config_yaml", config, "--resume"]) == 0
+
+    expected = read_rows(straight / "run" / "training_metrics_XXS.csv")
+    resumed = read_rows(interrupted / "run" / "training_metrics_XXS.csv")
+    assert [r["epoch"] for r in resumed] == [r["epoch"] for r in expected] == ["0", "1"]
+    assert [r["avg_lr"] for r in resumed] == [r["avg_lr"] for r in expected]
+    # model, optimizer and random generators were restored: the same losses as well
+    for got, want in zip(resumed, expected):
+        assert float(got["train_loss"]) == pytest.approx(float(want["train_loss"]), rel=1e-4)
+
+
+def test_resume_from_a_published_checkpoint(tmp_path):
+    config = write_config(tmp_path, epochs=3)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    mae = build_mae("XXS")
+    optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-3, weight_decay=0.05)
+    MAEObjective(mae)(torch.randn(2, 7, 40, 40))["loss"].backward()
+    optimizer.step()
+    published = {"epoch": 0, "model_state": mae.state_dict(), "opt_state": optimizer.state_dict(),
+                 "scaler_state": torch.amp.GradScaler("cpu").state_dict(),
+                 "best_train_loss": 50.0}
+    torch.save(published, run / "checkpoint_XXS.pth")
+    assert run_main(["--config_yaml", config, "--resume"]) == 0
+    assert [r["epoch"] for r in read_rows(run / "training_metrics_XXS.csv")] == ["1", "2"]
+    last = torch.load(run / "pretrained_XXS_last.pth", weights_only=True)
+    assert last["epoch"] == 2
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert run_main(["--config_yaml", write_config(tmp_path), "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("training.batchsize=8", "unknown key 'training.batchsize' (did you mean 'batch_size'?)"),
+    ("optimizer.lr=1", "unknown section 'optimizer'"),
+    ("training.epochs=two", "'training.epochs' must be an integer"),
+    ("model.mask_ratio=1.0", "'model.mask_ratio' must be in [0, 1)"),
+    ("training.batch_size=0", "'training.batch_size' must be > 0"),
+    ("training.dataset_csv=/no/such/split.csv", "file not found: /no/such/split.csv"),
+    ("model.size=L", "'model.size' must be one of S, XS, XXS"),
+])
+def test_bad_configs_exit_2_with_one_line(tmp_path, capsys, override, message):
+    assert run_main(["--config_yaml", write_config(tmp_path), "--set", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_recipe_config_is_the_published_recipe():
+    config = pretrain_mae.load_config(
+        REPO / "configs" / "pretrain_moe_mae.yaml", pretrain_mae.SCHEMA,
+        [f"training.dataset_path={SAMPLE}",
+         f"training.dataset_csv={SAMPLE / 'bigearthnet-train.csv'}"])
+    assert config["model"] == {"size": "S", "img_size": 40, "patch_size": 4, "in_channels": 7,
+                               "mask_ratio": 0.75}
+    training = config["training"]
+    assert (training["learning_rate"], training["weight_decay"], training["batch_size"],
+            training["epochs"], training["warmup_fraction"], training["grad_clip"],
+            training["loss_unmasked_weight"], training["loss_moe_weight"]) == \
+        (3e-4, 0.05, 128, 500, 0.05, 1.0, 0.1, 0.5)
+
+
+def test_published_config_runs_unchanged(tmp_path):
+    """A config with only the published keys: every other key takes its default."""
+    published = tmp_path / "published.yaml"
+    published.write_text(yaml.safe_dump({
+        "model": {"size": "XXS", "img_size": 40, "patch_size": 4, "in_channels": 7},
+        "training": {"dataset_path": str(SAMPLE),
+                     "dataset_csv": str(SAMPLE / "bigearthnet-train.csv"), "epochs": 1,
+                     "batch_size": 64, "learning_rate": 0.0003, "weight_decay": 0.05,
+                     "weight_path": str(tmp_path / "run"), "num_workers": 0,
+                     "save_every_n_epochs": 5}}))
+    assert run_main(["--config_yaml", published]) == 0
+    assert (tmp_path / "run" / "pretrained_XXS_best.pth").is_file()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    config = write_config(tmp_path, epochs=3)
+    real_forward = MAEObjective.forward
+    calls = []
+
+    def poisoned(self, *args, **kwargs):
+        losses = real_forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 8:  # epoch 2 (6 steps per epoch), step 2
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(MAEObjective, "forward", poisoned)
+    assert run_main(["--config_yaml", config]) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss (nan" in err and "epoch 2, step 2" in err
+    last = torch.load(tmp_path / "run" / "pretrained_XXS_last.pth", weights_only=True)
+    assert last["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in last["model_state"].values())
+    assert len(read_rows(tmp_path / "run" / "training_metrics_XXS.csv")) == 1
+
+
+def test_sigkill_during_training_leaves_files_that_resume(tmp_path):
+    config = write_config(tmp_path, epochs=6)
+    run = tmp_path / "run"
+    command = [sys.executable, str(REPO / "pretrain_mae.py"), "--config_yaml", str(config)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "pretrained_XXS_last.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into the next epoch (or into the next checkpoint write)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    checkpoint = torch.load(run / "pretrained_XXS_last.pth", weights_only=True)
+    done = checkpoint["epoch"] + 1
+    assert done < 6, "the run finished before it could be killed"
+    result = subprocess.run(command + ["--resume"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    epochs = [r["epoch"] for r in read_rows(run / "training_metrics_XXS.csv")]
+    assert epochs == [str(e) for e in range(6)]  # no gaps, no duplicates
+    assert not list(run.glob("*.tmp"))  # atomic writes left no temporary files behind
+
+
+def test_torchrun_two_processes_train_resume_and_only_rank0_writes(tmp_path):
+    config = write_config(tmp_path, epochs=2)
+    run = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_port=29531", str(REPO / "pretrain_mae.py"), "--config_yaml",
+                str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(torchrun + ["--set", "training.epochs=2"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("epoch 1/2 |") == 1  # one process reports and writes
+    assert "2 process(es), global batch 64" in first.stdout
+    last = torch.load(run / "pretrained_XXS_last.pth", weights_only=True)
+    assert last["world_size"] == 2 and len(last["rng_state"]) == 2
+    second = subprocess.run(torchrun + ["--set", "training.epochs=3", "--resume"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout
+    assert [r["epoch"] for r in read_rows(run / "training_metrics_XXS.csv")] == ["0", "1", "2"]

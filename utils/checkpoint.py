@@ -1,0 +1,144 @@
+"""Checkpoints: plain data only, loadable with ``torch.load(..., weights_only=True)``.
+
+A training checkpoint is a dict with the published keys (``model_state``, ``opt_state``,
+``scaler_state``, ``epoch``, ``best_train_loss``) plus ours (``format_version``,
+``global_step``, ``steps_per_epoch``, ``best_loss``, ``best_metric``, ``rng_state``,
+``config``). Weights-only files from elsewhere load too: :func:`model_state_from` accepts the
+published ``{"model_state": ...}`` dict, ``{"model": ...}``, ``{"state_dict": ...}`` or a bare
+state_dict, and :func:`filter_state_dict` maps foreign key layouts onto our model (DDP's
+``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes, an MAE checkpoint into a bare
+encoder, an encoder checkpoint into an MAE).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Dict, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.errors import UserInputError
+
+FORMAT_VERSION = 1
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` with one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated file, not a torch file, disallowed (pickled) objects
+        raise UserInputError(f"{path}: cannot load as a weights-only checkpoint "
+                             f"({' '.join(str(exc).split())[:200]})") from exc
+    if not isinstance(checkpoint, dict):
+        raise UserInputError(f"{path}: expected a dict, got {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def model_state_from(checkpoint: Mapping, path="checkpoint") -> Dict[str, torch.Tensor]:
+    """The model's state_dict inside a checkpoint dict (or the dict itself)."""
+    for key in ("model_state", "model", "state_dict"):
+        if isinstance(checkpoint.get(key), Mapping):
+            return dict(checkpoint[key])
+    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        return dict(checkpoint)
+    raise UserInputError(f"{path}: no model weights (looked for 'model_state', 'model', "
+                         f"'state_dict' or a bare state_dict); keys: {list(checkpoint)[:8]}")
+
+
+def filter_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Map a foreign state_dict's keys onto ``model``'s (see the module docstring)."""
+    state = {_strip_prefixes(k): v for k, v in state.items()}
+    expected = model.state_dict().keys()
+    has_encoder = any(k.startswith("encoder.") for k in expected)
+    if not has_encoder and any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    elif has_encoder and not any(k.startswith("encoder.") for k in state):
+        state = {f"encoder.{k}": v for k, v in state.items()}
+    if "encoder.patch_proj.weight" in state and "patch_embed.weight" in expected:
+        state.setdefault("patch_embed.weight", state["encoder.patch_proj.weight"])
+        state.setdefault("patch_embed.bias", state["encoder.patch_proj.bias"])
+    return state
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def load_weights(model: nn.Module, path, map_location="cpu", strict: bool = True) -> dict:
+    """Load a checkpoint file's weights into ``model``; returns the checkpoint dict."""
+    checkpoint = load_checkpoint(path, map_location)
+    apply_weights(model, checkpoint, path, strict)
+    return checkpoint
+
+
+def apply_weights(model: nn.Module, checkpoint: Mapping, path="checkpoint",
+                  strict: bool = True) -> None:
+    """Copy a loaded checkpoint's weights into ``model``. A model built for another size, or a
+    checkpoint of another model, fails with one line naming the file and a few of the missing,
+    unexpected or mis-shaped keys."""
+    state = filter_state_dict(model_state_from(checkpoint, path), model)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mis_shaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if mis_shaped:
+        problems.append(f"{len(mis_shaped)} shape mismatches (e.g. {'; '.join(mis_shaped[:2])})")
+    if strict and missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if problems:
+        raise UserInputError(f"{path}: weights do not fit this model (wrong model size?): "
+                             + "; ".join(problems))
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=strict)
+
+
+def load_model(model: nn.Module, checkpoint_path, device="cpu") -> nn.Module:
+    """Published helper: load weights (ours or the published format), move to ``device``,
+    switch to ``eval()``."""
+    load_weights(model, checkpoint_path, map_location="cpu")
+    return model.to(device).eval()
+
+
+# -------------------------------------------------------------------------- RNG states
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states as plain data (tensors, ints)."""
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos),
+                  int(np_has_gauss), float(np_gauss)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss,
+                         np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

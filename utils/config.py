@@ -1,0 +1,187 @@
+"""YAML configs: defaults, dotted command-line overrides, validation before any work.
+
+A schema maps section -> key -> :class:`Field`. :func:`load_config` reads the YAML file,
+applies ``--set section.key=value`` overrides (values parsed as YAML), and checks everything
+up front: unknown sections or keys, wrong types, values out of range, missing input files.
+Each problem raises :class:`~utils.errors.UserInputError` with one line naming the key (and
+the value or path), so scripts exit with status 2 before loading any data. The result is a
+plain nested dict with every default filled in; :func:`dump_config` writes it as YAML beside
+a run's outputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import yaml
+
+from utils.errors import UserInputError
+
+REQUIRED = object()  # Field default: the key must be given
+
+
+@dataclass(frozen=True)
+class Field:
+    """One config key.
+
+    kind: ``int``, ``float``, ``bool``, ``str``, ``path`` or ``paths`` (a mapping of names to
+    paths). Paths are strings; with ``must_exist`` set to ``"file"``, ``"dir"`` or ``"any"``
+    they are checked on disk.
+    check: optional ``value -> error text or None`` for ranges and cross-key rules.
+    """
+
+    kind: str
+    default: Any = REQUIRED
+    choices: Tuple = ()
+    nullable: bool = False
+    must_exist: Optional[str] = None
+    check: Optional[Callable[[Any], Optional[str]]] = None
+    help: str = ""
+
+
+Schema = Mapping[str, Mapping[str, Field]]
+
+
+# Range checks, returning an error text or None.
+def positive(value):
+    return None if value > 0 else "must be > 0"
+
+
+def non_negative(value):
+    return None if value >= 0 else "must be >= 0"
+
+
+def unit_interval_open(value):  # [0, 1)
+    return None if 0 <= value < 1 else "must be in [0, 1)"
+
+
+def fraction(value):  # (0, 1]
+    return None if 0 < value <= 1 else "must be in (0, 1]"
+
+
+def load_config(path, schema: Schema, overrides: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
+    """Read, override, validate and complete a config; see the module docstring."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for override in overrides:
+        _apply_override(raw, override)
+    return validate(raw, schema, source=str(path))
+
+
+def validate(raw: Mapping, schema: Schema, source: str = "config") -> Dict[str, Dict[str, Any]]:
+    for section, values in raw.items():
+        if section not in schema:
+            raise UserInputError(f"{source}: unknown section '{section}'{_suggest(section, schema)}")
+        if values is not None and not isinstance(values, dict):
+            raise UserInputError(f"{source}: section '{section}' must be a mapping of keys")
+        for key in values or {}:
+            if key not in schema[section]:
+                raise UserInputError(f"{source}: unknown key '{section}.{key}'"
+                                     f"{_suggest(key, schema[section])}")
+    config = {}
+    for section, fields in schema.items():
+        given = raw.get(section) or {}
+        config[section] = {key: _value(f"{section}.{key}", given.get(key, field.default), field,
+                                       source, key in given)
+                           for key, field in fields.items()}
+    return config
+
+
+def _value(name: str, value: Any, field: Field, source: str, given: bool) -> Any:
+    if value is REQUIRED:
+        raise UserInputError(f"{source}: missing required key '{name}'")
+    if value is None:
+        if field.nullable:
+            return None
+        raise UserInputError(f"{source}: '{name}' must not be empty")
+    value = _coerce(name, value, field.kind, source)
+    if field.choices and value not in field.choices:
+        raise UserInputError(f"{source}: '{name}' must be one of "
+                             f"{', '.join(map(str, field.choices))}, got {value!r}")
+    if field.check is not None:
+        problem = field.check(value)
+        if problem:
+            raise UserInputError(f"{source}: '{name}' {problem}, got {value!r}")
+    if field.must_exist and given:
+        paths = value.items() if isinstance(value, dict) else [("", value)]
+        for sub_key, path in paths:
+            exists = {"file": Path(path).is_file, "dir": Path(path).is_dir,
+                      "any": Path(path).exists}[field.must_exist]()
+            if not exists:
+                where = f"{name}.{sub_key}" if sub_key else name
+                what = "path" if field.must_exist == "any" else field.must_exist
+                raise UserInputError(f"{source}: '{where}': {what} not found: {path}")
+    return value
+
+
+def _coerce(name: str, value: Any, kind: str, source: str) -> Any:
+    def wrong():
+        return UserInputError(f"{source}: '{name}' must be {kind_names[kind]}, got {value!r}")
+
+    kind_names = {"int": "an integer", "float": "a number", "bool": "true or false",
+                  "str": "a string", "path": "a path", "paths": "a mapping of names to paths"}
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong()
+    if kind == "float":
+        if isinstance(value, str):  # PyYAML reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise wrong() from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        raise wrong()
+    if kind in ("str", "path"):
+        if isinstance(value, str) and value:
+            return value
+        raise wrong()
+    if kind == "paths":
+        if isinstance(value, dict) and value and all(
+                isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
+            return dict(value)
+        raise wrong()
+    raise ValueError(f"unknown field kind {kind!r}")
+
+
+def _apply_override(raw: dict, override: str) -> None:
+    key, sep, text = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise UserInputError(f"bad --set '{override}': use section.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    section, name = parts
+    if raw.get(section) is None:
+        raw[section] = {}
+    if not isinstance(raw[section], dict):
+        raise UserInputError(f"bad --set '{override}': section '{section}' is not a mapping")
+    raw[section][name] = value
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(options)}"
+
+
+def dump_config(config: Mapping) -> str:
+    return yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False)
