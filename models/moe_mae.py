@@ -530,18 +530,22 @@ class MOEMAE(nn.Module):
         """Per-sample random masking by argsort of uniform noise.
 
         Keeps ``int(N * (1 - mask_ratio))`` patches. ``noise`` (B, N) makes the masking
-        reproducible. Returns ids_keep (B, K), ids_restore (B, N), mask (B, N) (1 = removed).
+        reproducible; without it, a ratio that masks nothing keeps the patches in order (so
+        full reconstructions do not depend on the random generator).
+        Returns ids_keep (B, K), ids_restore (B, N), mask (B, N) (1 = removed).
         """
         mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         N = self.encoder.num_patches
-        if noise is None:
+        len_keep = int(N * (1 - mask_ratio))
+        if noise is None and len_keep == N:  # nothing masked: keep the patches in order
+            noise = torch.arange(N, device=device, dtype=torch.float32).expand(batch_size, N)
+        elif noise is None:
             noise = torch.rand(batch_size, N, device=device)
         elif noise.shape != (batch_size, N):
             raise ValueError(f"masking noise must have shape {(batch_size, N)}, "
                              f"got {tuple(noise.shape)}")
-        len_keep = int(N * (1 - mask_ratio))
         ids_shuffle = noise.argsort(dim=1)
         ids_restore = ids_shuffle.argsort(dim=1)
         ids_keep = ids_shuffle[:, :len_keep]

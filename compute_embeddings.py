@@ -1,0 +1,93 @@
+"""Embed dataset splits with a frozen MoE-MAE encoder, one ``.npz`` per split.
+
+    python compute_embeddings.py --config_yaml configs/embed_bigearthnet.yaml [--set ...]
+    torchrun --nproc_per_node=N compute_embeddings.py --config_yaml ...   # sharded
+
+Writes ``{embed.output_dir}/{embed.name}_{split}.npz`` for every split of ``data.splits``
+(``x``, ``y``, ``ids``, ``settings``; see embed/compute_embed.py), atomically and streamed
+(memory does not grow with the number of samples). Train probes on them with
+``train_logistic_regression.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from datasets.builders import DATA_FIELDS, build_split, class_names
+from embed.compute_embed import DTYPES, compute_embeddings
+from models.moe_mae import MODEL_SIZES, POOLINGS, build_mae
+from utils.checkpoint import load_weights
+from utils.config import Field, dump_config, load_config, positive
+from utils.errors import run_cli
+from utils.runtime import select_device, setup_distributed, teardown_distributed
+
+SCHEMA = {
+    "model": {
+        "size": Field("str", "S", choices=tuple(MODEL_SIZES)),
+        "img_size": Field("int", 40, check=positive),
+        "patch_size": Field("int", 4, check=positive),
+        "in_channels": Field("int", 7, check=positive),
+        "checkpoint_path": Field("path", must_exist="file"),
+        "device": Field("str", "auto"),
+    },
+    "data": {
+        **DATA_FIELDS,
+        "splits": Field("paths", must_exist="any",
+                        help="split name -> BEN-L CSV or packed dir, or EuroSAT-L split file"),
+    },
+    "embed": {
+        "pooling": Field("str", "all", choices=POOLINGS),
+        "normed": Field("bool", False, help="after the final norm (published: false)"),
+        "use_metadata": Field("bool", True, help="false: zeros (metadata ablation)"),
+        "dtype": Field("str", "float32", choices=tuple(DTYPES)),
+        "output_dir": Field("path"),
+        "name": Field("str", "embeddings"),
+    },
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Embed dataset splits with a frozen encoder.")
+    parser.add_argument("--config_yaml", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args(argv)
+    config = load_config(args.config_yaml, SCHEMA, args.set)
+    model_cfg, data_cfg, embed_cfg = config["model"], config["data"], config["embed"]
+    dist = setup_distributed()
+    try:
+        device = select_device(model_cfg["device"], dist.local_rank, key="model.device")
+        mae = build_mae(model_cfg["size"], model_cfg["img_size"], model_cfg["patch_size"],
+                        model_cfg["in_channels"])
+        load_weights(mae, model_cfg["checkpoint_path"])
+        encoder = mae.encoder.to(device).eval()
+        output_dir = Path(embed_cfg["output_dir"])
+        for split, path in data_cfg["splits"].items():
+            dataset = build_split(data_cfg, path, model_cfg["img_size"])
+            output = output_dir / f"{embed_cfg['name']}_{split}.npz"
+            settings = {"dataset": data_cfg["dataset"], "split": split, "split_source": path,
+                        "checkpoint": model_cfg["checkpoint_path"], "model_size": model_cfg["size"],
+                        "class_names": list(getattr(dataset, "classes", None) or
+                                            class_names(data_cfg)),
+                        "legacy_hour": data_cfg["legacy_hour"], "config": dump_config(config)}
+            start = time.perf_counter()
+            result = compute_embeddings(
+                encoder, dataset, output, pooling=embed_cfg["pooling"],
+                normed=embed_cfg["normed"], use_metadata=embed_cfg["use_metadata"],
+                dtype=embed_cfg["dtype"], batch_size=data_cfg["batch_size"],
+                num_workers=data_cfg["num_workers"], device=device, settings=settings)
+            if dist.is_main:
+                print(f"[{split}] {len(dataset)} samples -> {output} x {result['x'].shape} "
+                      f"({time.perf_counter() - start:.1f} s)", flush=True)
+                result.close()
+    finally:
+        teardown_distributed(dist)
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    run_cli(main)

@@ -1,0 +1,181 @@
+"""Reconstruction quality of a pretrained MoE-MAE on a BigEarthNet-L split.
+
+:class:`MAEEvaluator` (the published class name and constructor) reports, averaged over all
+samples of the split:
+
+* ``masked_loss``, ``unmasked_loss``: squared error summed over a patch's p*p*C normalised
+  values, averaged over the masked (resp. visible) patches, at the training mask ratio;
+* ``moe_loss``: the encoder's load-balancing loss; ``total_loss``: masked + 0.1 unmasked +
+  0.5 MoE, as in training;
+* ``full_loss``: mean squared error per normalised value with nothing masked (the published
+  definition);
+* ``rmse_masked_dn``, ``rmse_full_dn``: per band, the RMSE in reflectance DN of the masked
+  patches' reconstruction and of the full reconstruction.
+
+Masks come from a seeded generator, so numbers are identical from run to run (the model is in
+``eval()``: no gate noise, no dropout). Losses are averaged per sample (the published script
+averaged per batch, which weights a short last batch differently).
+
+Figures (up to ``max_images``): original / masked input / reconstruction / reconstruction with
+the visible patches pasted back, as RGB (SR_B4, SR_B3, SR_B2) with a 2-98 percentile stretch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from datasets.builders import build_bigearthnet
+from models.moe_mae import MOEMAE, build_mae
+from utils.checkpoint import load_weights
+from utils.data_config import BigEarthNetInfo
+from utils.files import atomic_path
+
+RGB_BANDS = tuple(BigEarthNetInfo.BAND_NAMES.index(b) for b in ("SR_B4", "SR_B3", "SR_B2"))
+
+
+class MAEEvaluator:
+    """Evaluate ``config["model"]["checkpoint_path"]`` on ``config["data"]``'s split.
+
+    ``config`` holds the sections of configs/eval_moe_mae.yaml (validated by eval_mae.py).
+    ``transform`` defaults to the BEN-L transform (centre crop, z-score).
+    """
+
+    def __init__(self, config: dict, transform=None, device: Optional[torch.device] = None):
+        self.config = config
+        model_cfg, data_cfg = config["model"], config["data"]
+        self.device = torch.device(device or model_cfg["device"])
+        self.model: MOEMAE = build_mae(model_cfg["size"], model_cfg["img_size"],
+                                       model_cfg["patch_size"], model_cfg["in_channels"])
+        load_weights(self.model, model_cfg["checkpoint_path"])
+        self.model.to(self.device).eval()
+        self.dataset = build_bigearthnet(
+            data_cfg["dataset_path"], data_cfg["dataset_csv"], data_cfg["dataset_format"],
+            img_size=model_cfg["img_size"], legacy_hour=data_cfg["legacy_hour"],
+            skip_invalid=data_cfg["skip_invalid"])
+        if transform is not None:
+            self.dataset.transform = transform
+        self.loader = DataLoader(self.dataset, batch_size=data_cfg["batch_size"],
+                                 num_workers=data_cfg["num_workers"], shuffle=False)
+        stats = BigEarthNetInfo.STATISTICS
+        self.mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
+        self.std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
+
+    @torch.inference_mode()
+    def run(self) -> Dict[str, object]:
+        """Metrics over the whole split; saves figures if the config asks for them."""
+        eval_cfg = self.config["eval"]
+        mae, device = self.model, self.device
+        generator = torch.Generator().manual_seed(eval_cfg["seed"])
+        bands = len(BigEarthNetInfo.BAND_NAMES)
+        sums = {"masked": 0.0, "unmasked": 0.0, "moe": 0.0, "full": 0.0}
+        sq_dn = {"masked": torch.zeros(bands, dtype=torch.float64),
+                 "full": torch.zeros(bands, dtype=torch.float64)}
+        count_dn = {"masked": torch.zeros(bands, dtype=torch.float64),
+                    "full": torch.zeros(bands, dtype=torch.float64)}
+        samples, figures = 0, []
+        for imgs, _, *meta in self.loader:
+            imgs, meta = imgs.to(device), [m.to(device) for m in meta]
+            n = imgs.shape[0]
+            noise = torch.rand(n, mae.encoder.num_patches, generator=generator).to(device)
+            pred, mask, _, moe = mae(imgs, *meta, mask_ratio=eval_cfg["mask_ratio"], noise=noise)
+            masked, unmasked = mae.reconstruction_losses(imgs, pred, mask)
+            pred_full = mae(imgs, *meta, mask_ratio=0.0)[0]
+            sums["masked"] += masked.item() * n
+            sums["unmasked"] += unmasked.item() * n
+            sums["moe"] += moe.item() * n
+            sums["full"] += (pred_full - mae.patchify(imgs)).pow(2).mean().item() * n
+            samples += n
+
+            original = self._to_dn(imgs)
+            recon = self._to_dn(mae.unpatchify(pred))
+            recon_full = self._to_dn(mae.unpatchify(pred_full))
+            pixel_mask = self._pixel_mask(mask, imgs)  # 1 where the patch was masked
+            sq_dn["masked"] += ((recon - original) ** 2 * pixel_mask).sum((0, 2, 3)).double()
+            count_dn["masked"] += pixel_mask.expand_as(original).sum((0, 2, 3)).double()
+            sq_dn["full"] += ((recon_full - original) ** 2).sum((0, 2, 3)).double()
+            count_dn["full"] += original[:, 0].numel()
+            for i in range(n):
+                if len(figures) < eval_cfg["max_images"]:
+                    figures.append((original[i], pixel_mask[i], recon[i], recon_full[i],
+                                    self.dataset_id(samples - n + i)))
+
+        metrics = {f"{k}_loss": v / samples for k, v in sums.items() if k != "full"}
+        w_unmasked = eval_cfg["loss_unmasked_weight"]
+        w_moe = eval_cfg["loss_moe_weight"]
+        metrics["total_loss"] = (metrics["masked_loss"] + w_unmasked * metrics["unmasked_loss"]
+                                 + w_moe * metrics["moe_loss"])
+        metrics["full_loss"] = sums["full"] / samples
+        for kind in ("masked", "full"):
+            rmse = (sq_dn[kind] / count_dn[kind].clamp(min=1)).sqrt()
+            metrics[f"rmse_{kind}_dn"] = dict(zip(BigEarthNetInfo.BAND_NAMES, rmse.tolist()))
+        metrics["num_samples"] = samples
+        metrics["figures"] = self._save_figures(figures)
+        return metrics
+
+    def dataset_id(self, index: int) -> str:
+        ids = getattr(self.dataset, "patch_ids", None)
+        return ids[index] if ids is not None else str(index)
+
+    def _to_dn(self, normalised: torch.Tensor) -> torch.Tensor:
+        return normalised.float().cpu() * self.std + self.mean
+
+    def _pixel_mask(self, mask: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
+        """(B, N) patch mask -> (B, 1, H, W) pixel mask."""
+        p, grid = self.model.encoder.patch_size, self.model.encoder.patch_grid
+        mask = mask.float().cpu().view(-1, 1, grid, grid)
+        return mask.repeat_interleave(p, 2).repeat_interleave(p, 3)
+
+    def _save_figures(self, figures) -> List[str]:
+        eval_cfg = self.config["eval"]
+        out_dir = Path(eval_cfg["reconstructions_dir"])
+        saved = []
+        for index, (original, pixel_mask, recon, recon_full, patch_id) in enumerate(figures):
+            if eval_cfg["save_reconstructions_masked"]:
+                pasted = recon * pixel_mask + original * (1 - pixel_mask)
+                masked_input = original * (1 - pixel_mask)
+                panels = [("original", original), ("masked input", masked_input),
+                          ("reconstruction", recon), ("visible patches pasted", pasted)]
+                saved.append(save_panels(out_dir / f"result_masked_{index:03d}.png", panels,
+                                         patch_id, masked=pixel_mask))
+            if eval_cfg["save_reconstructions_full"]:
+                panels = [("original", original), ("full reconstruction", recon_full)]
+                saved.append(save_panels(out_dir / f"result_full_{index:03d}.png", panels,
+                                         patch_id))
+        return saved
+
+
+def rgb(dn: torch.Tensor, low: float, high: float) -> np.ndarray:
+    """(C, H, W) reflectance DN -> (H, W, 3) in [0, 1], bands SR_B4, SR_B3, SR_B2."""
+    image = dn[list(RGB_BANDS)].permute(1, 2, 0).numpy()
+    return np.clip((image - low) / max(high - low, 1e-6), 0, 1)
+
+
+def save_panels(path: Path, panels, title: str, masked: Optional[torch.Tensor] = None) -> str:
+    """One row of RGB panels sharing the original's 2-98 percentile stretch; masked patches
+    are shown grey in the masked input."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    low, high = np.percentile(panels[0][1][list(RGB_BANDS)].numpy(), (2, 98))
+    figure, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
+    for axis, (name, image) in zip(np.atleast_1d(axes), panels):
+        shown = rgb(image, low, high)
+        if name == "masked input" and masked is not None:
+            shown[masked[0].numpy() > 0] = 0.5
+        axis.imshow(shown, interpolation="nearest")
+        axis.set_title(name, fontsize=9)
+        axis.axis("off")
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+    return str(path)

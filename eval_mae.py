@@ -1,0 +1,87 @@
+"""Evaluate MoE-MAE reconstructions on a BigEarthNet-L split.
+
+    python eval_mae.py --config_yaml configs/eval_moe_mae.yaml [--set eval.max_images=16 ...]
+
+Runs the published eval config unchanged and prints its five lines (Masked, Unmasked, MoE,
+Total and Full Loss), then per-band RMSE in reflectance DN. Writes every number to
+``eval.metrics_json`` (default ``<reconstructions_dir>/eval_metrics.json``) and up to
+``eval.max_images`` figures to ``eval.reconstructions_dir``. See eval/evaluate_mae.py for the
+definitions. The published checkpoint was trained with the published hour encoding: evaluate
+it with ``--set data.legacy_hour=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from datasets.builders import FORMATS
+from eval.evaluate_mae import MAEEvaluator
+from models.moe_mae import MODEL_SIZES
+from utils.config import Field, load_config, non_negative, positive, unit_interval_open
+from utils.errors import UserInputError, run_cli
+from utils.files import write_json
+from utils.runtime import select_device
+
+SCHEMA = {
+    "model": {
+        "size": Field("str", "S", choices=tuple(MODEL_SIZES)),
+        "img_size": Field("int", 40, check=positive),
+        "patch_size": Field("int", 4, check=positive),
+        "in_channels": Field("int", 7, check=positive),
+        "checkpoint_path": Field("path", must_exist="file"),
+        "device": Field("str", "auto"),
+    },
+    "data": {
+        "dataset_path": Field("path", must_exist="dir", help="BEN-L root, or a packed dir"),
+        "dataset_csv": Field("path", None, nullable=True, must_exist="file"),
+        "num_workers": Field("int", 4, check=non_negative),
+        "batch_size": Field("int", 32, check=positive),
+        "dataset_format": Field("str", "auto", choices=FORMATS),
+        "legacy_hour": Field("bool", False),
+        "skip_invalid": Field("bool", False),
+    },
+    "eval": {
+        "save_reconstructions_masked": Field("bool", True),
+        "save_reconstructions_full": Field("bool", True),
+        "reconstructions_dir": Field("path"),
+        "max_images": Field("int", 8, check=non_negative),
+        "metrics_json": Field("path", None, nullable=True),
+        "seed": Field("int", 0, help="masking noise"),
+        "mask_ratio": Field("float", 0.75, check=unit_interval_open),
+        "loss_unmasked_weight": Field("float", 0.1, check=non_negative),
+        "loss_moe_weight": Field("float", 0.5, check=non_negative),
+    },
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Evaluate MoE-MAE reconstructions.")
+    parser.add_argument("--config_yaml", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args(argv)
+    config = load_config(args.config_yaml, SCHEMA, args.set)
+    if config["model"]["img_size"] % config["model"]["patch_size"]:
+        raise UserInputError("model.img_size must be a multiple of model.patch_size")
+    device = select_device(config["model"]["device"], key="model.device")
+    metrics = MAEEvaluator(config, device=device).run()
+
+    print(f"Masked Loss: {metrics['masked_loss']:.4f}")
+    print(f"Unmasked Loss: {metrics['unmasked_loss']:.4f}")
+    print(f"MoE Loss: {metrics['moe_loss']:.4f}")
+    print(f"Total Loss: {metrics['total_loss']:.4f}")
+    print(f"Full Loss: {metrics['full_loss']:.4f}")
+    print("\n| band | RMSE masked patches (DN) | RMSE full reconstruction (DN) |")
+    print("|---|---:|---:|")
+    for band, masked in metrics["rmse_masked_dn"].items():
+        print(f"| {band} | {masked:.1f} | {metrics['rmse_full_dn'][band]:.1f} |")
+    json_path = Path(config["eval"]["metrics_json"] or
+                     Path(config["eval"]["reconstructions_dir"]) / "eval_metrics.json")
+    write_json(json_path, {"config": config, **metrics})
+    print(f"\n{metrics['num_samples']} samples; metrics: {json_path}; "
+          f"{len(metrics['figures'])} figures in {config['eval']['reconstructions_dir']}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
