@@ -19,21 +19,15 @@ import torch
 
 from datasets.builders import DATA_FIELDS, build_split, class_names
 from embed.compute_embed import DTYPES, compute_embeddings
-from models.moe_mae import MODEL_SIZES, POOLINGS, build_mae
-from utils.checkpoint import load_weights
-from utils.config import Field, dump_config, load_config, positive
+from models.moe_mae import POOLINGS
+from utils.checkpoint import load_pretrained
+from utils.config import Field, dump_config, load_config, model_fields
 from utils.errors import run_cli
 from utils.runtime import select_device, setup_distributed, teardown_distributed
 
 SCHEMA = {
-    "model": {
-        "size": Field("str", "S", choices=tuple(MODEL_SIZES)),
-        "img_size": Field("int", 40, check=positive),
-        "patch_size": Field("int", 4, check=positive),
-        "in_channels": Field("int", 7, check=positive),
-        "checkpoint_path": Field("path", must_exist="file"),
-        "device": Field("str", "auto"),
-    },
+    "model": model_fields(checkpoint_path=Field("path", must_exist="file"),
+                          device=Field("str", "auto")),
     "data": {
         **DATA_FIELDS,
         "splits": Field("paths", must_exist="any",
@@ -60,10 +54,7 @@ def main(argv=None) -> int:
     dist = setup_distributed()
     try:
         device = select_device(model_cfg["device"], dist.local_rank, key="model.device")
-        mae = build_mae(model_cfg["size"], model_cfg["img_size"], model_cfg["patch_size"],
-                        model_cfg["in_channels"])
-        load_weights(mae, model_cfg["checkpoint_path"])
-        encoder = mae.encoder.to(device).eval()
+        encoder = load_pretrained(model_cfg, device).encoder
         output_dir = Path(embed_cfg["output_dir"])
         for split, path in data_cfg["splits"].items():
             dataset = build_split(data_cfg, path, model_cfg["img_size"])

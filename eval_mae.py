@@ -17,21 +17,15 @@ from pathlib import Path
 
 from datasets.builders import FORMATS
 from eval.evaluate_mae import MAEEvaluator
-from models.moe_mae import MODEL_SIZES
-from utils.config import Field, load_config, non_negative, positive, unit_interval_open
+from utils.config import (Field, load_config, model_fields, non_negative, positive,
+                          unit_interval_open)
 from utils.errors import UserInputError, run_cli
 from utils.files import write_json
 from utils.runtime import select_device
 
 SCHEMA = {
-    "model": {
-        "size": Field("str", "S", choices=tuple(MODEL_SIZES)),
-        "img_size": Field("int", 40, check=positive),
-        "patch_size": Field("int", 4, check=positive),
-        "in_channels": Field("int", 7, check=positive),
-        "checkpoint_path": Field("path", must_exist="file"),
-        "device": Field("str", "auto"),
-    },
+    "model": model_fields(checkpoint_path=Field("path", must_exist="file"),
+                          device=Field("str", "auto")),
     "data": {
         "dataset_path": Field("path", must_exist="dir", help="BEN-L root, or a packed dir"),
         "dataset_csv": Field("path", None, nullable=True, must_exist="file"),

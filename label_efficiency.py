@@ -22,8 +22,6 @@ weakly, on their labels; a mismatch is an error.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,7 @@ from classification_models.embeddings import (EmbeddingSplit, check_compatible, 
 from classification_models.metrics import HEADLINE_METRIC, scalar_metrics
 from classification_models.probes import add_probe_arguments, build_probe, fit_probe, warn
 from utils.errors import UserInputError, run_cli
-from utils.files import atomic_path, write_text
+from utils.files import atomic_path, write_csv
 
 DEFAULT_FRACTIONS = "0.01,0.05,0.1,0.25,0.5,1.0"
 DEFAULT_SEEDS = "0,1,2"
@@ -112,14 +110,6 @@ def load_variants(variants, args) -> list[tuple[str, EmbeddingSplit, EmbeddingSp
             check_same_rows(loaded[0][2], test)
         loaded.append((name, train, test))
     return loaded
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
 
 
 def summarise(rows: list[dict], metric: str) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import math
 import sys
 import time
@@ -39,26 +38,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from datasets.builders import FORMATS, build_bigearthnet
-from models.moe_mae import MODEL_SIZES, MAEObjective, build_mae
+from models.moe_mae import MAEObjective, build_mae
 from scheduler.schedulers import WarmupCosineLR
 from utils.analysis_utils import RoutingCounter
 from utils.checkpoint import (FORMAT_VERSION, apply_weights, load_checkpoint, rng_state,
                               set_rng_state)
-from utils.config import (Field, dump_config, fraction, load_config, non_negative, positive,
-                          unit_interval_open)
+from utils.config import (Field, dump_config, fraction, load_config, model_fields, non_negative,
+                          positive, unit_interval_open)
 from utils.errors import UserInputError, run_cli
-from utils.files import atomic_path, torch_save, write_text
+from utils.files import atomic_path, torch_save, write_csv, write_text
 from utils.runtime import (Distributed, autocast_dtype, seed_everything, seed_worker,
                            select_device, setup_distributed, teardown_distributed)
 
 SCHEMA = {
-    "model": {
-        "size": Field("str", "S", choices=tuple(MODEL_SIZES)),
-        "img_size": Field("int", 40, check=positive),
-        "patch_size": Field("int", 4, check=positive),
-        "in_channels": Field("int", 7, check=positive),
-        "mask_ratio": Field("float", 0.75, check=unit_interval_open),
-    },
+    "model": model_fields(mask_ratio=Field("float", 0.75, check=unit_interval_open)),
     "training": {
         # published keys
         "dataset_path": Field("path", must_exist="dir",
@@ -320,14 +313,6 @@ def read_csv_rows(path: Path, before_epoch: int) -> List[dict]:
         return [row for row in csv.DictReader(f) if int(row["epoch"]) < before_epoch]
 
 
-def write_csv(path: Path, columns: List[str], rows: List[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
-
-
 def plot_curves(path: Path, rows: List[dict]) -> None:
     import matplotlib
 
@@ -458,13 +443,13 @@ def run(config, model_cfg, train_cfg, resume_run: bool, dist: Distributed) -> in
 
         metric_rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v)
                             for k, v in metrics.items()})
-        write_csv(files.metrics, METRIC_COLUMNS, metric_rows)
+        write_csv(files.metrics, metric_rows, METRIC_COLUMNS)
         for layer, share in counter.shares().items():
             for expert in range(len(share["top1"])):
                 usage_rows.append({"epoch": epoch, "layer": layer, "expert": expert,
                                    "top1_share": f"{share['top1'][expert]:.4f}",
                                    "topk_share": f"{share['topk'][expert]:.4f}"})
-        write_csv(files.usage, USAGE_COLUMNS, usage_rows)
+        write_csv(files.usage, usage_rows, USAGE_COLUMNS)
         plot_curves(files.curves, metric_rows)
 
         checkpoint = checkpoint_dict(mae, optimizer, scaler, epoch, steps_per_epoch, best_loss,

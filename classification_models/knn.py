@@ -17,17 +17,17 @@ size of the training embeddings.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler, normalize
 
-from classification_models.metrics import probe_metrics
+from classification_models.base import Probe
 from utils.errors import UserInputError
 
 
-class KNNModel:
+class KNNModel(Probe):
     """kNN probe with the interface of LogisticRegressionModel (fit/predict/predict_proba/evaluate)."""
 
     def __init__(self, k=5, scale=False, multilabel=False, n_jobs=None):
@@ -70,20 +70,3 @@ class KNNModel:
         votes = np.zeros((len(x), n_classes), dtype=np.float32)
         np.add.at(votes, (np.arange(len(x))[:, None], neighbour_labels), 1.0)
         return votes / self.k
-
-    def labels_from_scores(self, scores: np.ndarray) -> np.ndarray:
-        """predict_proba output -> (N,) class indices or (N, C) 0/1 predictions."""
-        if self.multilabel:
-            return (scores > 0.5).astype(np.uint8)
-        return self.classes_[np.argmax(scores, axis=1)]
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """(N, D) -> (N,) class indices (multiclass) or (N, C) 0/1 (multilabel)."""
-        return self.labels_from_scores(self.predict_proba(x))
-
-    def evaluate(self, x: np.ndarray, y: np.ndarray,
-                 class_names: Optional[Sequence[str]] = None) -> tuple[dict, np.ndarray]:
-        """(metrics, y_pred); metric names are documented in classification_models.metrics."""
-        scores = self.predict_proba(x)
-        y_pred = self.labels_from_scores(scores)
-        return probe_metrics(y, y_pred, scores, self.multilabel, class_names), y_pred

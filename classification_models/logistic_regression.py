@@ -10,17 +10,17 @@ one multinomial problem on a single core.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 from sklearn.preprocessing import StandardScaler
 
-from classification_models.metrics import probe_metrics
+from classification_models.base import Probe
 
 
-class LogisticRegressionModel:
+class LogisticRegressionModel(Probe):
     """Logistic-regression probe with the published constructor and defaults.
 
     Multiclass: y is (N,) class indices; ``predict_proba`` gives (N, K) softmax probabilities
@@ -64,20 +64,3 @@ class LogisticRegressionModel:
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """(N, D) -> (N, K) class probabilities (multiclass) or (N, C) label probabilities."""
         return self.model.predict_proba(self._transform(x))
-
-    def labels_from_scores(self, scores: np.ndarray) -> np.ndarray:
-        """predict_proba output -> (N,) class indices or (N, C) 0/1 predictions."""
-        if self.multilabel:
-            return (scores > 0.5).astype(np.uint8)
-        return self.classes_[np.argmax(scores, axis=1)]
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """(N, D) -> (N,) class indices (multiclass) or (N, C) 0/1 (multilabel)."""
-        return self.labels_from_scores(self.predict_proba(x))
-
-    def evaluate(self, x: np.ndarray, y: np.ndarray,
-                 class_names: Optional[Sequence[str]] = None) -> tuple[dict, np.ndarray]:
-        """(metrics, y_pred); metric names are documented in classification_models.metrics."""
-        scores = self.predict_proba(x)
-        y_pred = self.labels_from_scores(scores)
-        return probe_metrics(y, y_pred, scores, self.multilabel, class_names), y_pred

@@ -8,6 +8,8 @@ import sys
 import warnings
 
 import numpy as np
+from joblib import parallel_backend
+from sklearn.exceptions import ConvergenceWarning
 
 from classification_models.knn import KNNModel
 from classification_models.logistic_regression import LogisticRegressionModel
@@ -62,11 +64,25 @@ def build_probe(probe: str, *, multilabel: bool, scale: bool = False, seed: int 
 
 
 def fit_probe(model, x: np.ndarray, y: np.ndarray):
-    """Fit, silencing sklearn's multi-line warning about constant label columns: the scripts
-    report those themselves (embeddings.check_training_labels)."""
-    with warnings.catch_warnings():
+    """Fit, reporting sklearn's repeated warnings as one line each: non-convergence of the
+    solver (once per fitted label for multilabel) and constant label columns (the scripts
+    report those themselves, see embeddings.check_training_labels)."""
+    # threads, not processes, for the per-label fits: sag releases the GIL, and warnings raised
+    # in threads reach this process's warning filters
+    with warnings.catch_warnings(record=True) as caught, parallel_backend("threading"):
+        warnings.simplefilter("always", ConvergenceWarning)
         warnings.filterwarnings("ignore", message="Label .*present in all training examples")
-        return model.fit(x, y)
+        model.fit(x, y)
+    not_converged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    if not_converged:
+        fits = y.shape[1] if getattr(model, "multilabel", False) else 1
+        warn(f"the solver did not converge within --max-iter {getattr(model, 'max_iter', '?')} "
+             f"iterations in {not_converged} of {fits} fit(s); the probe is still usable "
+             "(the published protocol stops there too); --scale often helps")
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return model
 
 
 def warn(message: str) -> None:

@@ -85,11 +85,13 @@ def build_split(data: dict, split: str, img_size: int = 40, supervised: bool = T
         return EuroSATDatasetLS(data["dataset_path"], split,
                                 transform=eurosat_transform(img_size, data["normalization"]),
                                 strict=data["strict"])
-    if data["dataset_format"] == "packed" or (data["dataset_format"] == "auto" and is_packed(split)):
+    fmt = data["dataset_format"]
+    if fmt == "packed" or (fmt == "auto" and is_packed(split)):
         return build_bigearthnet(split, fmt="packed", img_size=img_size, supervised=supervised,
                                  num_classes=data["num_classes"], legacy_hour=data["legacy_hour"])
     if not data["dataset_path"]:
-        raise UserInputError(f"data.dataset_path (the BEN-L root) is required for the split {split}")
+        raise UserInputError(f"data.dataset_path (the BEN-L root) is required for the split "
+                             f"{split}")
     return build_bigearthnet(data["dataset_path"], split, "raw", img_size=img_size,
                              supervised=supervised, num_classes=data["num_classes"],
                              legacy_hour=data["legacy_hour"], skip_invalid=data["skip_invalid"])

@@ -207,7 +207,8 @@ def _merge_parts(parts: Path, world_size: int, rows: int, dtype, row_shape, outp
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as npz:
             npz.write(merged_x, arcname="x.npy")  # streamed in chunks, not loaded
-            for name, array in (("y", y), ("ids", ids), ("settings", np.array(json.dumps(settings)))):
+            arrays = (("y", y), ("ids", ids), ("settings", np.array(json.dumps(settings))))
+            for name, array in arrays:
                 with npz.open(f"{name}.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
         os.replace(tmp, output)

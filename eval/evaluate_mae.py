@@ -25,18 +25,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
 from datasets.builders import build_bigearthnet
-from models.moe_mae import MOEMAE, build_mae
-from utils.checkpoint import load_weights
+from models.moe_mae import MOEMAE
+from utils.checkpoint import load_pretrained
 from utils.data_config import BigEarthNetInfo
-from utils.files import atomic_path
-
-RGB_BANDS = tuple(BigEarthNetInfo.BAND_NAMES.index(b) for b in ("SR_B4", "SR_B3", "SR_B2"))
-
+from utils.data_utils import rgb_bands, save_figure, stretch, stretch_limits
 
 class MAEEvaluator:
     """Evaluate ``config["model"]["checkpoint_path"]`` on ``config["data"]``'s split.
@@ -49,10 +46,7 @@ class MAEEvaluator:
         self.config = config
         model_cfg, data_cfg = config["model"], config["data"]
         self.device = torch.device(device or model_cfg["device"])
-        self.model: MOEMAE = build_mae(model_cfg["size"], model_cfg["img_size"],
-                                       model_cfg["patch_size"], model_cfg["in_channels"])
-        load_weights(self.model, model_cfg["checkpoint_path"])
-        self.model.to(self.device).eval()
+        self.model: MOEMAE = load_pretrained(model_cfg, self.device)
         self.dataset = build_bigearthnet(
             data_cfg["dataset_path"], data_cfg["dataset_csv"], data_cfg["dataset_format"],
             img_size=model_cfg["img_size"], legacy_hour=data_cfg["legacy_hour"],
@@ -149,33 +143,19 @@ class MAEEvaluator:
         return saved
 
 
-def rgb(dn: torch.Tensor, low: float, high: float) -> np.ndarray:
-    """(C, H, W) reflectance DN -> (H, W, 3) in [0, 1], bands SR_B4, SR_B3, SR_B2."""
-    image = dn[list(RGB_BANDS)].permute(1, 2, 0).numpy()
-    return np.clip((image - low) / max(high - low, 1e-6), 0, 1)
-
-
 def save_panels(path: Path, panels, title: str, masked: Optional[torch.Tensor] = None) -> str:
     """One row of RGB panels sharing the original's 2-98 percentile stretch; masked patches
     are shown grey in the masked input."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    low, high = np.percentile(panels[0][1][list(RGB_BANDS)].numpy(), (2, 98))
-    figure, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
-    for axis, (name, image) in zip(np.atleast_1d(axes), panels):
-        shown = rgb(image, low, high)
+    limits = stretch_limits(rgb_bands(panels[0][1]))
+    figure = Figure(figsize=(2.6 * len(panels), 2.9))
+    for position, (name, image) in enumerate(panels, start=1):
+        shown = stretch(rgb_bands(image), limits)
         if name == "masked input" and masked is not None:
             shown[masked[0].numpy() > 0] = 0.5
+        axis = figure.add_subplot(1, len(panels), position)
         axis.imshow(shown, interpolation="nearest")
         axis.set_title(name, fontsize=9)
         axis.axis("off")
     figure.suptitle(title, fontsize=8)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+    save_figure(figure, path)
     return str(path)

@@ -81,7 +81,8 @@ class ExpertMixture(torch.autograd.Function):
         grad_gates = (grad_mixed.unsqueeze(1) * act).sum(2)
         # a token's k experts are distinct, so the scatter writes each block at most once
         grad_selected = grad_mixed.unsqueeze(1) * gates.unsqueeze(2) * act_grad
-        grad_pre.view(-1, grad_pre.shape[2]).index_copy_(0, index, grad_selected.view(len(index), -1))
+        grad_pre.view(-1, grad_pre.shape[2]).index_copy_(0, index,
+                                                         grad_selected.view(len(index), -1))
         grad_pre = grad_pre.view(x.shape[0], -1)
 
         grad_x = matmul_nt(grad_pre, stacked_weight.t().contiguous())

@@ -1,5 +1,5 @@
-"""Data fixtures: the real BEN-L sample (skipped when absent), the committed synthetic sample, and
-tiny seeded GeoTIFFs in tmp_path."""
+"""Shared fixtures: the real BEN-L sample (skipped when absent), the committed synthetic sample,
+tiny seeded GeoTIFFs in tmp_path, and running a script's main as from the shell."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import pytest
 import rasterio
 from rasterio.crs import CRS
 from rasterio.transform import Affine
+
+from utils.errors import run_cli
 
 REAL_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "bigearthnet_l_sample"
 SAMPLE_DATASET = Path(__file__).resolve().parents[1] / "sample_dataset"
@@ -66,3 +68,16 @@ def make_ben_root(tmp_path) -> Callable[..., Path]:
         return root
 
     return build
+
+
+@pytest.fixture
+def exit_status() -> Callable:
+    """``exit_status(main, args)``: the status a script's ``main(argv)`` exits with when run as
+    from the shell (through ``run_cli``: 2 for bad input); ``args`` may hold paths."""
+
+    def run(main: Callable, args: Sequence) -> int:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(main, [str(arg) for arg in args])
+        return exit_info.value.code
+
+    return run

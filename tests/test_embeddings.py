@@ -16,7 +16,6 @@ import compute_embeddings
 from embed.compute_embed import compute_embeddings as embed_dataset
 from embed.compute_embed import compute_geomoemae_embeddings
 from models.moe_mae import build_mae
-from utils.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_dataset"
@@ -151,15 +150,11 @@ def write_config(tmp_path, checkpoint, dataset="bigearthnet", **embed):
     return path
 
 
-def run_script(args):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(compute_embeddings.main, [str(a) for a in args])
-    return exit_info.value.code
 
-
-def test_script_embeds_bigearthnet_splits_from_a_published_checkpoint(tmp_path, checkpoint):
+def test_script_embeds_bigearthnet_splits_from_a_published_checkpoint(tmp_path, checkpoint,
+                                                                      exit_status):
     config = write_config(tmp_path, checkpoint, pooling="cls")
-    assert run_script(["--config_yaml", config]) == 0
+    assert exit_status(compute_embeddings.main, ["--config_yaml", config]) == 0
     train = np.load(tmp_path / "emb" / "demo_train.npz")
     test = np.load(tmp_path / "emb" / "demo_test.npz")
     assert train["x"].shape == (168, 144) and test["x"].shape == (56, 144)
@@ -170,32 +165,34 @@ def test_script_embeds_bigearthnet_splits_from_a_published_checkpoint(tmp_path, 
     assert not list((tmp_path / "emb").glob(".*"))  # no temporary files left
 
 
-def test_script_embeds_eurosat_without_metadata(tmp_path, checkpoint):
+def test_script_embeds_eurosat_without_metadata(tmp_path, checkpoint, exit_status):
     config = write_config(tmp_path, checkpoint, dataset="eurosat", pooling="mean")
-    assert run_script(["--config_yaml", config]) == 0
+    assert exit_status(compute_embeddings.main, ["--config_yaml", config]) == 0
     test = np.load(tmp_path / "emb" / "demo_test.npz")
     assert test["x"].shape == (40, 144) and test["y"].dtype == np.int64
     assert str(test["ids"][0]).startswith("AnnualCrop_")  # chip file names
     assert json.loads(str(test["settings"]))["class_names"][0] == "AnnualCrop"
 
 
-def test_script_errors_name_the_key(tmp_path, checkpoint, capsys):
+def test_script_errors_name_the_key(tmp_path, checkpoint, capsys, exit_status):
     config = write_config(tmp_path, checkpoint, pooling="max")
-    assert run_script(["--config_yaml", config]) == 2
+    assert exit_status(compute_embeddings.main, ["--config_yaml", config]) == 2
     assert "'embed.pooling' must be one of" in capsys.readouterr().err
     config = write_config(tmp_path, tmp_path / "missing.pth")
-    assert run_script(["--config_yaml", config]) == 2
+    assert exit_status(compute_embeddings.main, ["--config_yaml", config]) == 2
     assert "'model.checkpoint_path': file not found" in capsys.readouterr().err
     wrong_size = write_config(tmp_path, checkpoint)
-    assert run_script(["--config_yaml", wrong_size, "--set", "model.size=XXS"]) == 2
+    assert exit_status(compute_embeddings.main,
+                       ["--config_yaml", wrong_size, "--set", "model.size=XXS"]) == 2
     assert "weights do not fit this model" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_torchrun_shards_and_merges_in_order(tmp_path, checkpoint):
+def test_torchrun_shards_and_merges_in_order(tmp_path, checkpoint, exit_status):
     config = write_config(tmp_path, checkpoint, pooling="cls")
     single = tmp_path / "single"
-    assert run_script(["--config_yaml", config, "--set", f"embed.output_dir={single}"]) == 0
+    assert exit_status(compute_embeddings.main,
+                       ["--config_yaml", config, "--set", f"embed.output_dir={single}"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -209,3 +206,20 @@ def test_torchrun_shards_and_merges_in_order(tmp_path, checkpoint):
         assert list(two["ids"]) == list(one["ids"])
         np.testing.assert_array_equal(two["y"], one["y"])
         np.testing.assert_allclose(two["x"], one["x"], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,dataset", [("protocol_embed_bigearthnet", "bigearthnet"),
+                                          ("protocol_embed_eurosat", "eurosat"),
+                                          ("embed_bigearthnet", "bigearthnet"),
+                                          ("embed_eurosat", "eurosat")])
+def test_shipped_configs_are_valid(name, dataset, checkpoint):
+    """The shipped configs use only known keys and valid values (paths pointed at the sample)."""
+    root = SAMPLE if dataset == "bigearthnet" else SAMPLE / "eurosat_l"
+    split = SAMPLE / "bigearthnet-test.csv" if dataset == "bigearthnet" else \
+        SAMPLE / "eurosat_l" / "eurosat-test.txt"
+    config = compute_embeddings.load_config(
+        REPO / "configs" / f"{name}.yaml", compute_embeddings.SCHEMA,
+        [f"model.checkpoint_path={checkpoint}", f"data.dataset_path={root}",
+         f"data.splits={{test: {split}}}"])
+    assert config["data"]["dataset"] == dataset
+    assert config["embed"]["normed"] is False  # the published notebooks' tokens

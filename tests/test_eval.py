@@ -9,7 +9,6 @@ import yaml
 
 import eval_mae
 from models.moe_mae import build_mae
-from utils.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_dataset"
@@ -41,16 +40,11 @@ def published_config(tmp_path, checkpoint, out="recon"):
     return path
 
 
-def run_eval(args):
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(eval_mae.main, [str(a) for a in args])
-    return exit_info.value.code
-
 
 def test_published_config_prints_the_five_lines_writes_json_and_figures(
-        tmp_path, published_checkpoint, capsys):
-    assert run_eval(["--config_yaml", published_config(tmp_path, published_checkpoint),
-                     "--set", "eval.max_images=3"]) == 0
+        tmp_path, published_checkpoint, capsys, exit_status):
+    config = published_config(tmp_path, published_checkpoint)
+    assert exit_status(eval_mae.main, ["--config_yaml", config, "--set", "eval.max_images=3"]) == 0
     out = capsys.readouterr().out.splitlines()
     for index, name in enumerate(["Masked Loss", "Unmasked Loss", "MoE Loss", "Total Loss",
                                   "Full Loss"]):
@@ -66,24 +60,26 @@ def test_published_config_prints_the_five_lines_writes_json_and_figures(
                        for i in range(3)]
 
 
-def test_metrics_are_deterministic_across_runs(tmp_path, published_checkpoint):
+def test_metrics_are_deterministic_across_runs(tmp_path, published_checkpoint, exit_status):
     runs = []
     for name in ("a", "b"):
-        assert run_eval(["--config_yaml", published_config(tmp_path, published_checkpoint, name),
-                         "--set", "eval.max_images=0"]) == 0
+        config = published_config(tmp_path, published_checkpoint, name)
+        assert exit_status(eval_mae.main, ["--config_yaml", config, "--set", "eval.max_images=0"]) == 0
         metrics = json.loads((tmp_path / name / "eval_metrics.json").read_text())
         runs.append({k: v for k, v in metrics.items() if k not in ("config", "figures")})
     assert runs[0] == runs[1]
     other_seed = tmp_path / "c"
-    assert run_eval(["--config_yaml", published_config(tmp_path, published_checkpoint, "c"),
-                     "--set", "eval.max_images=0", "--set", "eval.seed=1"]) == 0
+    config = published_config(tmp_path, published_checkpoint, "c")
+    assert exit_status(eval_mae.main, ["--config_yaml", config, "--set", "eval.max_images=0",
+                                       "--set", "eval.seed=1"]) == 0
     assert json.loads((other_seed / "eval_metrics.json").read_text())["masked_loss"] != \
         runs[0]["masked_loss"]
 
 
-def test_evaluation_errors_are_one_line(tmp_path, published_checkpoint, capsys):
+def test_evaluation_errors_are_one_line(tmp_path, published_checkpoint, capsys, exit_status):
     config = published_config(tmp_path, published_checkpoint)
-    assert run_eval(["--config_yaml", config, "--set", "model.size=S"]) == 2
+    assert exit_status(eval_mae.main, ["--config_yaml", config, "--set", "model.size=S"]) == 2
     assert "weights do not fit this model" in capsys.readouterr().err
-    assert run_eval(["--config_yaml", config, "--set", "eval.mask_ratio=1.5"]) == 2
+    assert exit_status(eval_mae.main,
+                       ["--config_yaml", config, "--set", "eval.mask_ratio=1.5"]) == 2
     assert "'eval.mask_ratio' must be in [0, 1)" in capsys.readouterr().err

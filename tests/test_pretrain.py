@@ -14,7 +14,6 @@ import yaml
 
 import pretrain_mae
 from models.moe_mae import MAEObjective, build_mae
-from utils.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_dataset"
@@ -37,22 +36,16 @@ def write_config(tmp_path, epochs=2, **training):
     return path
 
 
-def run_main(args):
-    """pretrain_mae as from the shell: returns the exit status."""
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(pretrain_mae.main, [str(a) for a in args])
-    return exit_info.value.code
-
 
 def read_rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
 
 
-def test_two_epochs_write_checkpoints_csvs_figure_and_config(tmp_path):
+def test_two_epochs_write_checkpoints_csvs_figure_and_config(tmp_path, exit_status):
     config = write_config(tmp_path, val_dataset_path=str(SAMPLE),
                           val_dataset_csv=str(SAMPLE / "bigearthnet-val.csv"))
-    assert run_main(["--config_yaml", config]) == 0
+    assert exit_status(pretrain_mae.main, ["--config_yaml", config]) == 0
     run = tmp_path / "run"
     for name in ("pretrained_XXS_best.pth", "pretrained_XXS_last.pth", "checkpoint_XXS.pth",
                  "training_metrics_XXS.csv", "expert_usage_XXS.csv", "training_curves_XXS.png",
@@ -77,18 +70,18 @@ def test_two_epochs_write_checkpoints_csvs_figure_and_config(tmp_path):
     assert resolved["training"]["warmup_fraction"] == 0.05  # defaults are filled in
 
 
-def test_masked_loss_falls(tmp_path):
+def test_masked_loss_falls(tmp_path, exit_status):
     config = write_config(tmp_path, epochs=5, seed=1)
-    assert run_main(["--config_yaml", config]) == 0
+    assert exit_status(pretrain_mae.main, ["--config_yaml", config]) == 0
     masked = [float(r["train_m_loss"]) for r in
               read_rows(tmp_path / "run" / "training_metrics_XXS.csv")]
     assert masked[-1] < 0.6 * masked[0], masked
 
 
-def test_resume_continues_the_schedule_exactly(tmp_path, monkeypatch):
+def test_resume_continues_the_schedule_exactly(tmp_path, monkeypatch, exit_status):
     straight = tmp_path / "straight"
     straight.mkdir()
-    assert run_main(["--config_yaml", write_config(straight)]) == 0
+    assert exit_status(pretrain_mae.main, ["--config_yaml", write_config(straight)]) == 0
 
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
@@ -107,7 +100,7 @@ def test_resume_continues_the_schedule_exactly(tmp_path, monkeypatch):
         pretrain_mae.main(["--config_yaml", str(config)])
     monkeypatch.setattr(pretrain_mae, "train_one_epoch", real_epoch)
     assert len(read_rows(interrupted / "run" / "training_metrics_XXS.csv")) == 1
-    assert run_main(["--config_yaml", config, "--resume"]) == 0
+    assert exit_status(pretrain_mae.main, ["--config_yaml", config, "--resume"]) == 0
 
     expected = read_rows(straight / "run" / "training_metrics_XXS.csv")
     resumed = read_rows(interrupted / "run" / "training_metrics_XXS.csv")
@@ -118,7 +111,7 @@ def test_resume_continues_the_schedule_exactly(tmp_path, monkeypatch):
         assert float(got["train_loss"]) == pytest.approx(float(want["train_loss"]), rel=1e-4)
 
 
-def test_resume_from_a_published_checkpoint(tmp_path):
+def test_resume_from_a_published_checkpoint(tmp_path, exit_status):
     config = write_config(tmp_path, epochs=3)
     run = tmp_path / "run"
     run.mkdir()
@@ -131,14 +124,15 @@ def test_resume_from_a_published_checkpoint(tmp_path):
                  "scaler_state": torch.amp.GradScaler("cpu").state_dict(),
                  "best_train_loss": 50.0}
     torch.save(published, run / "checkpoint_XXS.pth")
-    assert run_main(["--config_yaml", config, "--resume"]) == 0
+    assert exit_status(pretrain_mae.main, ["--config_yaml", config, "--resume"]) == 0
     assert [r["epoch"] for r in read_rows(run / "training_metrics_XXS.csv")] == ["1", "2"]
     last = torch.load(run / "pretrained_XXS_last.pth", weights_only=True)
     assert last["epoch"] == 2
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
-    assert run_main(["--config_yaml", write_config(tmp_path), "--resume"]) == 2
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys, exit_status):
+    config = write_config(tmp_path)
+    assert exit_status(pretrain_mae.main, ["--config_yaml", config, "--resume"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
 
 
@@ -151,8 +145,9 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
     ("training.dataset_csv=/no/such/split.csv", "file not found: /no/such/split.csv"),
     ("model.size=L", "'model.size' must be one of S, XS, XXS"),
 ])
-def test_bad_configs_exit_2_with_one_line(tmp_path, capsys, override, message):
-    assert run_main(["--config_yaml", write_config(tmp_path), "--set", override]) == 2
+def test_bad_configs_exit_2_with_one_line(tmp_path, capsys, override, message, exit_status):
+    config = write_config(tmp_path)
+    assert exit_status(pretrain_mae.main, ["--config_yaml", config, "--set", override]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err
     assert not (tmp_path / "run").exists()  # nothing was written
@@ -172,7 +167,7 @@ def test_recipe_config_is_the_published_recipe():
         (3e-4, 0.05, 128, 500, 0.05, 1.0, 0.1, 0.5)
 
 
-def test_published_config_runs_unchanged(tmp_path):
+def test_published_config_runs_unchanged(tmp_path, exit_status):
     """A config with only the published keys: every other key takes its default."""
     published = tmp_path / "published.yaml"
     published.write_text(yaml.safe_dump({
@@ -182,11 +177,12 @@ def test_published_config_runs_unchanged(tmp_path):
                      "batch_size": 64, "learning_rate": 0.0003, "weight_decay": 0.05,
                      "weight_path": str(tmp_path / "run"), "num_workers": 0,
                      "save_every_n_epochs": 5}}))
-    assert run_main(["--config_yaml", published]) == 0
+    assert exit_status(pretrain_mae.main, ["--config_yaml", published]) == 0
     assert (tmp_path / "run" / "pretrained_XXS_best.pth").is_file()
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys,
+                                                                  exit_status):
     config = write_config(tmp_path, epochs=3)
     real_forward = MAEObjective.forward
     calls = []
@@ -199,7 +195,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         return losses
 
     monkeypatch.setattr(MAEObjective, "forward", poisoned)
-    assert run_main(["--config_yaml", config]) == 1
+    assert exit_status(pretrain_mae.main, ["--config_yaml", config]) == 1
     err = capsys.readouterr().err
     assert "non-finite loss (nan" in err and "epoch 2, step 2" in err
     last = torch.load(tmp_path / "run" / "pretrained_XXS_last.pth", weights_only=True)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from models.moe_mae import MOEMAE, build_mae
 from utils.errors import UserInputError
 
 FORMAT_VERSION = 1
@@ -52,7 +53,8 @@ def model_state_from(checkpoint: Mapping, path="checkpoint") -> Dict[str, torch.
                          f"'state_dict' or a bare state_dict); keys: {list(checkpoint)[:8]}")
 
 
-def filter_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+def filter_state_dict(state: Mapping[str, torch.Tensor],
+                      model: nn.Module) -> Dict[str, torch.Tensor]:
     """Map a foreign state_dict's keys onto ``model``'s (see the module docstring)."""
     state = {_strip_prefixes(k): v for k, v in state.items()}
     expected = model.state_dict().keys()
@@ -106,6 +108,14 @@ def apply_weights(model: nn.Module, checkpoint: Mapping, path="checkpoint",
         raise UserInputError(f"{path}: weights do not fit this model (wrong model size?): "
                              + "; ".join(problems))
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=strict)
+
+
+def load_pretrained(model_config: Mapping, device="cpu") -> MOEMAE:
+    """The MAE of a config's ``model`` section (size, img_size, patch_size, in_channels) with
+    the weights of its ``checkpoint_path``, on ``device``, in ``eval()``."""
+    mae = build_mae(model_config["size"], model_config["img_size"], model_config["patch_size"],
+                    model_config["in_channels"])
+    return load_model(mae, model_config["checkpoint_path"], device)
 
 
 def load_model(model: nn.Module, checkpoint_path, device="cpu") -> nn.Module:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
+from models.moe_mae import MODEL_SIZES
 from utils.errors import UserInputError
 
 REQUIRED = object()  # Field default: the key must be given
@@ -63,6 +64,17 @@ def fraction(value):  # (0, 1]
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
+def model_fields(**extra: Field) -> Dict[str, Field]:
+    """The ``model`` section of every config: the published architecture keys, plus ``extra``."""
+    return {
+        "size": Field("str", "S", choices=tuple(MODEL_SIZES)),
+        "img_size": Field("int", 40, check=positive),
+        "patch_size": Field("int", 4, check=positive),
+        "in_channels": Field("int", 7, check=positive),
+        **extra,
+    }
+
+
 def load_config(path, schema: Schema, overrides: Sequence[str] = ()) -> Dict[str, Dict[str, Any]]:
     """Read, override, validate and complete a config; see the module docstring."""
     path = Path(path)
@@ -83,7 +95,8 @@ def load_config(path, schema: Schema, overrides: Sequence[str] = ()) -> Dict[str
 def validate(raw: Mapping, schema: Schema, source: str = "config") -> Dict[str, Dict[str, Any]]:
     for section, values in raw.items():
         if section not in schema:
-            raise UserInputError(f"{source}: unknown section '{section}'{_suggest(section, schema)}")
+            raise UserInputError(f"{source}: unknown section '{section}'"
+                                 f"{_suggest(section, schema)}")
         if values is not None and not isinstance(values, dict):
             raise UserInputError(f"{source}: section '{section}' must be a mapping of keys")
         for key in values or {}:

@@ -17,8 +17,10 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+import yaml
 from matplotlib.figure import Figure
 
+from utils.checkpoint import load_model  # noqa: F401  (the published helper's name and place)
 from utils.data_config import BigEarthNetInfo
 from utils.errors import UserInputError
 from utils.files import atomic_path
@@ -147,3 +149,13 @@ def show_side_by_side(img1: Union[torch.Tensor, np.ndarray], img2: Union[torch.T
     if path is not None:
         save_figure(fig, path)
     return fig
+
+
+# ----------------------------------------------------------- published helper names
+
+
+def load_config(path: Union[str, Path]) -> dict:
+    """The published helper: a YAML file as a dict, without validation (the scripts validate
+    their configs with :func:`utils.config.load_config` and a schema)."""
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)

@@ -9,6 +9,8 @@ temporary file is removed (or, after a kill, left behind with a ``.tmp`` suffix)
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import tempfile
@@ -64,3 +66,15 @@ def write_text(path: PathLike, text: str) -> None:
 
 def write_json(path: PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv(path: PathLike, rows, columns=None) -> None:
+    """Rows (dicts) as a CSV with a header; ``columns`` defaults to the first row's keys.
+    Keys outside ``columns`` are left out."""
+    rows = list(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns or (rows[0] if rows else [])),
+                            extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
