@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from datasets.builders import FORMATS, build_bigearthnet
+from datasets.builders import FORMATS, build_bigearthnet, is_packed
 from models.moe_mae import MAEObjective, build_mae
 from scheduler.schedulers import WarmupCosineLR
 from utils.analysis_utils import RoutingCounter
@@ -132,7 +132,7 @@ def validate(config: dict) -> None:
     for prefix in ("", "val_"):
         path, csv_file = training[f"{prefix}dataset_path"], training[f"{prefix}dataset_csv"]
         packed = training["dataset_format"] == "packed" or (
-            training["dataset_format"] == "auto" and path and (Path(path) / "info.json").is_file())
+            training["dataset_format"] == "auto" and path and is_packed(path))
         if path and not packed and not csv_file:
             raise UserInputError(f"training.{prefix}dataset_csv is required for the raw dataset "
                                  f"at {path}")
