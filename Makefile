@@ -13,7 +13,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PYTHON) benchmarks/bench_model.py --quick
+	$(PYTHON) demo.py
 
 test: $(STAMP)
 	$(PYTHON) -m pytest
