@@ -7,25 +7,27 @@ Model S, 40x40x7 chips, patch 4, fp32, on whatever device this runs (CPU here):
 * training: MAE forward + loss + backward + gradient clipping + AdamW step, batch 64;
 * inference: encoder in ``eval()`` under ``inference_mode``, batch 256 (the fast path through
   ``forward_features``, the project's inference entry point, which runs CPU batches in chunks
-  of 64 images; the oracle through the published ``encoder(x, ...)`` call). Two extra rows
+  of 128 images; the oracle through the published ``encoder(x, ...)`` call). Two extra rows
   separate the effect of chunking: the fast path in one chunk of 256, and the oracle fed
-  chunks of 64.
+  chunks of 128.
 
-Implementations alternate call by call on the same rotating set of input batches (routing
-varies between batches, as with real data) and we report medians, so a noisy neighbour slows
-all of them alike. Achieved GFLOP/s use the model's useful FLOPs (attention,
-a top-2 MoE with V and W2 once per token: :func:`model_flops`), not the extra work either
-implementation does, against the best fp32 matmul throughput measured here (MKL through
-``torch.mm`` and oneDNN).
+Every workload (implementation x training/inference) runs in its own fresh process, on the
+same weights and the same rotating set of input batches (routing varies between batches, as
+with real data); a process times its calls after two untimed ones (steady state). Processes
+alternate over ``--rounds`` rounds and we report medians, so a noisy neighbour slows all
+workloads alike, and no implementation inherits another's freed memory or cache contents.
+
+Achieved GFLOP/s use the model's useful FLOPs (attention, a top-2 MoE with V and W2 once per
+token: :func:`model_flops`), not the extra work either implementation does, against the best
+fp32 matmul throughput measured here (MKL through ``torch.mm``, and oneDNN).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,86 +82,87 @@ def matmul_peak(n: int = 2048, reps: int = 10):
     return results
 
 
-def interleaved_images_per_second(steps: dict, batches, rounds: int) -> dict:
-    """Median images/s of each step function, timed one call at a time in alternation.
-
-    steps: {name: (fn, context factory)}. Alternating single calls (rather than a block of
-    calls per implementation) exposes every implementation to the same background load.
-    """
-    times = {name: [] for name in steps}
-    for name, (fn, context) in steps.items():  # warm-up (and oneDNN kernel creation)
-        with context():
-            for batch in batches[:2]:
-                fn(batch)
-    for i in range(rounds):
-        batch = batches[i % len(batches)]
-        for name, (fn, context) in steps.items():
-            with context():
-                start = time.perf_counter()
-                fn(batch)
-                times[name].append(time.perf_counter() - start)
-    n = len(batches[0][0])
-    return {name: n / statistics.median(values) for name, values in times.items()}, times
-
-
 def make_batches(n: int, count: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(n, 7, 40, 40, generator=g),
              [torch.randn(n, 2, generator=g) for _ in range(4)]) for _ in range(count)]
 
 
+WORKLOADS = {  # name: (training?, implementation, chunk size of inference)
+    "train_fast": (True, "fast", None),
+    "train_oracle": (True, "oracle", None),
+    "infer_fast": (False, "fast", None),
+    "infer_fast_unchunked": (False, "fast", 256),
+    "infer_oracle": (False, "oracle", 256),
+    "infer_oracle_chunked": (False, "oracle", 128),
+}
+
+
+def measure(workload: str, calls: int) -> list:
+    """Seconds of ``calls`` timed calls of one workload, after two untimed ones, in this
+    process (the model, its weights and the batches are the same in every process)."""
+    training, implementation, chunk_size = WORKLOADS[workload]
+    torch.manual_seed(0)
+    mae = build_mae("S").train(training)
+    batches = make_batches(64, 4, seed=1) if training else make_batches(256, 3, seed=2)
+    if training:
+        optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-4, weight_decay=0.05,
+                                      fused=fast_ops.onednn_available() or None)
+
+        def call(imgs, meta):
+            pred, mask, _, moe_loss = mae(imgs, *meta)
+            loss_masked, loss_unmasked = mae.reconstruction_losses(imgs, pred, mask)
+            loss = loss_masked + 0.1 * loss_unmasked + 0.5 * moe_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(mae.parameters(), 1.0)
+            optimizer.step()
+    elif implementation == "fast":
+        def call(imgs, meta):
+            mae.encoder.forward_features(imgs, *meta, chunk_size=chunk_size)
+    else:
+        def call(imgs, meta):
+            for start in range(0, len(imgs), chunk_size):
+                part = slice(start, start + chunk_size)
+                mae.encoder(imgs[part], *(m[part] for m in meta))
+
+    times = []
+    with torch.inference_mode(not training), use_reference_impl(mae, implementation == "oracle"):
+        for i in range(calls + 2):
+            start = time.perf_counter()
+            call(*batches[i % len(batches)])
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+    return times
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="inference batches per implementation (x4 training steps)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="processes per workload, run in alternation")
     parser.add_argument("--quick", action="store_true", help="one short round (smoke run)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--worker", choices=WORKLOADS, help=argparse.SUPPRESS)
+    parser.add_argument("--calls", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    train_rounds, infer_rounds = (2, 1) if args.quick else (args.rounds * 4, args.rounds)
+    if args.worker:  # one measurement in this fresh process
+        print(json.dumps(measure(args.worker, args.calls)))
+        return
 
-    torch.manual_seed(0)
-    mae = build_mae("S")
-    optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-4, weight_decay=0.05,
-                                  fused=fast_ops.onednn_available() or None)
-    train_batches = make_batches(64, 4, seed=1)
-    infer_batches = make_batches(256, 3, seed=2)
-
-    def train_step(batch):
-        imgs, meta = batch
-        pred, mask, _, moe_loss = mae(imgs, *meta)
-        loss_masked, loss_unmasked = mae.reconstruction_losses(imgs, pred, mask)
-        loss = loss_masked + 0.1 * loss_unmasked + 0.5 * moe_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(mae.parameters(), 1.0)
-        optimizer.step()
-
-    def infer_fast(batch, chunk_size=None):
-        mae.encoder.forward_features(batch[0], *batch[1], chunk_size=chunk_size)
-
-    def infer_oracle(batch, chunk_size=256):
-        for start in range(0, len(batch[0]), chunk_size):
-            part = slice(start, start + chunk_size)
-            mae.encoder(batch[0][part], *(m[part] for m in batch[1]))
-
-    fast = contextlib.nullcontext
-    oracle = functools.partial(use_reference_impl, mae)
-    mae.train()
-    train_speed, train_times = interleaved_images_per_second(
-        {"train_fast": (train_step, fast), "train_oracle": (train_step, oracle)},
-        train_batches, train_rounds)
-    mae.eval()
-    with torch.inference_mode():
-        infer_speed, infer_times = interleaved_images_per_second(
-            {"infer_fast": (infer_fast, fast),
-             "infer_fast_unchunked": (lambda b: infer_fast(b, chunk_size=256), fast),
-             "infer_oracle": (infer_oracle, oracle),
-             "infer_oracle_chunked": (lambda b: infer_oracle(b, chunk_size=64), oracle)},
-            infer_batches, infer_rounds)
-    speed = {**train_speed, **infer_speed}
+    rounds = 1 if args.quick else args.rounds
+    seconds = {name: [] for name in WORKLOADS}
+    for _ in range(rounds):
+        for name, (training, _, _) in WORKLOADS.items():
+            calls = (2 if args.quick else 8) if training else (1 if args.quick else 3)
+            result = subprocess.run([sys.executable, __file__, "--worker", name, "--calls",
+                                     str(calls)], check=True, capture_output=True, text=True)
+            seconds[name] += json.loads(result.stdout.splitlines()[-1])
+    speed = {name: (64 if WORKLOADS[name][0] else 256) / statistics.median(values)
+             for name, values in seconds.items()}
 
     peaks = matmul_peak()
     peak = max(peaks.values())
+    mae = build_mae("S")
     encoder = mae.encoder
     train_flops = 3 * model_flops(encoder, 5 + 25, 5 + 100, mae)  # forward + 2x backward
     infer_flops = model_flops(encoder, encoder.num_tokens)
@@ -170,13 +173,12 @@ def main(argv=None):
         ("inference, batch 256", "fast path, one chunk of 256", speed["infer_fast_unchunked"],
          infer_flops),
         ("inference, batch 256", "oracle", speed["infer_oracle"], infer_flops),
-        ("inference, batch 256", "oracle, in chunks of 64", speed["infer_oracle_chunked"],
+        ("inference, batch 256", "oracle, in chunks of 128", speed["infer_oracle_chunked"],
          infer_flops),
     ]
     device = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     print(f"MoE-MAE S, fp32, {device}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; medians of {train_rounds} training steps and "
-          f"{infer_rounds} inference batches per implementation")
+          f"{torch.__version__}; medians over {rounds} process(es) per workload")
     print("matmul peak (2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
     print()
     print("| workload | implementation | images/s | GFLOP/s | % of peak |")
@@ -186,13 +188,14 @@ def main(argv=None):
         print(f"| {workload} | {impl} | {ips:.0f} | {gflops:.0f} | {100 * gflops / peak:.0f}% |")
     ratios = {"training": speed["train_fast"] / speed["train_oracle"],
               "inference": speed["infer_fast"] / speed["infer_oracle"],
-              "inference_unchunked": speed["infer_fast_unchunked"] / speed["infer_oracle"]}
+              "inference_unchunked": speed["infer_fast_unchunked"] / speed["infer_oracle"],
+              "inference_both_chunked": speed["infer_fast"] / speed["infer_oracle_chunked"]}
     print()
     print(f"fast / oracle: training {ratios['training']:.2f}x, inference "
-          f"{ratios['inference']:.2f}x (one chunk of 256: {ratios['inference_unchunked']:.2f}x)")
+          f"{ratios['inference']:.2f}x (fast path in one chunk: {ratios['inference_unchunked']:.2f}x;"
+          f" both in chunks of 128: {ratios['inference_both_chunked']:.2f}x)")
     if args.json:
-        args.json.write_text(json.dumps({"images_per_second": speed,
-                                         "seconds": {**train_times, **infer_times},
+        args.json.write_text(json.dumps({"images_per_second": speed, "seconds": seconds,
                                          "ratios": ratios, "matmul_peak_gflops": peaks},
                                         indent=2))
 

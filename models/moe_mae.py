@@ -44,7 +44,7 @@ from models.fast_moe import expert_mixture
 NUM_META_TOKENS = 4  # week, hour, lat, lon
 CLS_INDEX = NUM_META_TOKENS  # the CLS token follows the metadata tokens
 POOLINGS = ("cls", "mean", "all", "meta_cls")
-CPU_INFERENCE_CHUNK = 64  # images per chunk in CPU inference (see MOEEncoder.forward_features)
+CPU_INFERENCE_CHUNK = 128  # images per chunk in CPU inference (see MOEEncoder.forward_features)
 
 # Published sizes. dh = expert hidden width, interpolated from dfirsth (layer 0) to dlasth.
 MODEL_SIZES = {
@@ -109,10 +109,15 @@ class NoisyTopKGate(nn.Module):
         self.k = k
         self.use_reference = False
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        """x: (T, dim) -> :class:`Routing`."""
+    def forward(self, x: torch.Tensor, need_noise_scale: bool = True) -> Routing:
+        """x: (T, dim) -> :class:`Routing`. In ``eval()``, ``need_noise_scale=False`` skips
+        ``Wnoise`` (only the load-balancing loss would use it; ``noise_scale`` is then None)."""
         if self.use_reference:
             clean, noise_logits = self.Wg(x), self.Wnoise(x)
+        elif not (need_noise_scale or self.training):
+            clean = linear(x, self.Wg.weight, self.Wg.bias)
+            topk_vals, topk_idx = clean.topk(self.k, dim=-1)
+            return Routing(topk_idx, topk_vals.softmax(dim=-1), clean, clean, None)
         else:
             clean, noise_logits = linear(
                 x, torch.cat([self.Wg.weight, self.Wnoise.weight]),
@@ -196,11 +201,14 @@ class MoELayer(nn.Module):
     def W2(self) -> nn.Linear:
         return self.experts[0].W2
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, N, dim) -> (y (B, N, dim), auxiliary loss (scalar))."""
+    def forward(self, x: torch.Tensor, with_loss: bool = True
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x: (B, N, dim) -> (y (B, N, dim), auxiliary loss (scalar), or None when
+        ``with_loss`` is False: inference that needs no loss skips its computation)."""
         flat = x.reshape(-1, self.dim)
-        routing = self.gate(flat)
-        aux_loss = load_balancing_loss(routing, self.w_importance, self.w_load)
+        routing = self.gate(flat, need_noise_scale=with_loss)
+        aux_loss = load_balancing_loss(routing, self.w_importance, self.w_load) \
+            if with_loss else None
         if self.use_reference:
             y = self.combine_reference(flat, routing)
         else:
@@ -331,10 +339,11 @@ class MoETransformerEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(m)
         self.moe = MoELayer(m, dh, num_experts, k, dropout)
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, N, m) -> (x (B, N, m), auxiliary loss)."""
+    def forward(self, x: torch.Tensor, with_loss: bool = True
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x: (B, N, m) -> (x (B, N, m), auxiliary loss or None, see :meth:`MoELayer.forward`)."""
         x = x + self.attn(self.norm1(x))
-        moe_out, aux_loss = self.moe(self.norm2(x))
+        moe_out, aux_loss = self.moe(self.norm2(x), with_loss)
         return x + moe_out, aux_loss
 
 
@@ -423,13 +432,15 @@ class MOEEncoder(nn.Module):
         meta_cls = torch.cat([torch.stack(meta, dim=1), self.cls_token.expand(B, -1, -1)], dim=1)
         return torch.cat([meta_cls + self.pos_embed[:, :M + 1], patches], dim=1)
 
-    def forward_layers(self, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward_layers(self, tokens: torch.Tensor, with_loss: bool = True
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Run the encoder layers. tokens (B, L, dim) -> (tokens before the final norm,
-        sum of the layers' auxiliary losses)."""
-        moe_loss = tokens.new_zeros(())
+        sum of the layers' auxiliary losses, or None without ``with_loss``)."""
+        moe_loss = tokens.new_zeros(()) if with_loss else None
         for layer in self.layers:
-            tokens, aux_loss = layer(tokens)
-            moe_loss = moe_loss + aux_loss
+            tokens, aux_loss = layer(tokens, with_loss)
+            if with_loss:
+                moe_loss = moe_loss + aux_loss
         return tokens, moe_loss
 
     def forward(self, x: torch.Tensor, meta_week=None, meta_hour=None, meta_lat=None,
@@ -443,10 +454,11 @@ class MOEEncoder(nn.Module):
                          chunk_size: Optional[int] = None) -> torch.Tensor:
         """All tokens (B, 5 + num_patches, dim), after the final norm or before it.
 
-        The inference entry point: without autograd on CPU, the batch runs in chunks of
-        ``chunk_size`` images (default :data:`CPU_INFERENCE_CHUNK`), which keeps activations
-        in cache and avoids re-faulting large fresh buffers. Chunking changes results only at
-        the level of fp32 rounding; a given call is deterministic.
+        The inference entry point: it skips the load-balancing loss, and without autograd on
+        CPU the batch runs in chunks of ``chunk_size`` images (default
+        :data:`CPU_INFERENCE_CHUNK`), which keeps activations in cache and avoids re-faulting
+        large fresh buffers. Chunking changes results only at the level of fp32 rounding; a
+        given call is deterministic.
         """
         return self._in_chunks(x, (meta_week, meta_hour, meta_lat, meta_lon), chunk_size,
                                lambda tokens: tokens, normed)
@@ -474,9 +486,9 @@ class MOEEncoder(nn.Module):
         outputs = []
         for start in range(0, x.shape[0], max(chunk_size, 1)):
             part = slice(start, start + chunk_size)
-            normed_tokens, _, raw_tokens = self(
-                x[part], *(None if m is None else m[part] for m in metas))
-            outputs.append(finish(normed_tokens if normed else raw_tokens))
+            tokens = self.prepare_tokens(x[part], *(None if m is None else m[part] for m in metas))
+            tokens, _ = self.forward_layers(tokens, with_loss=False)
+            outputs.append(finish(self.norm(tokens) if normed else tokens))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
@@ -573,8 +585,8 @@ class MOEMAE(nn.Module):
         patches = torch.cat([kept, self.mask_token.expand(B, N - K, D)], dim=1)
         patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
         x = torch.cat([meta_cls, patches + self.decoder_pos_embed], dim=1)
-        for layer in self.decoder_layers:
-            x, _ = layer(x)
+        for layer in self.decoder_layers:  # their balancing losses are unused, as published
+            x, _ = layer(x, with_loss=False)
         return self.decoder_pred(self.decoder_norm(x)[:, M + 1:])
 
     def forward(self, imgs, meta_week=None, meta_hour=None, meta_lat=None, meta_lon=None,
