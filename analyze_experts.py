@@ -21,7 +21,6 @@ See utils/analysis_utils.py for the definitions.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from torch.utils.data import DataLoader, Subset
@@ -32,7 +31,8 @@ from utils.analysis_utils import (ABLATION_POINTS, analyze_layer, expert_usage_s
                                   plot_expert_maps, plot_routing_map, plot_usage_bars,
                                   plot_usage_heatmap)
 from utils.checkpoint import load_pretrained
-from utils.config import Field, dump_config, load_config, model_fields, non_negative, positive
+from utils.config import (Field, config_arguments, dump_config, load_config, model_fields,
+                          non_negative, positive)
 from utils.data_config import BigEarthNetInfo, EuroSATInfo
 from utils.errors import UserInputError, run_cli
 from utils.files import write_csv, write_text
@@ -66,10 +66,7 @@ SCHEMA = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Map what the experts of a checkpoint do.")
-    parser.add_argument("--config_yaml", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = config_arguments("Map what the experts of a checkpoint do.").parse_args(argv)
     config = load_config(args.config_yaml, SCHEMA, args.set)
     model_cfg, data_cfg, analysis = config["model"], config["data"], config["analysis"]
     checkpoint = Path(model_cfg["checkpoint_path"])

@@ -11,7 +11,6 @@ Writes ``{embed.output_dir}/{embed.name}_{split}.npz`` for every split of ``data
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from datasets.builders import DATA_FIELDS, build_split, class_names
 from embed.compute_embed import DTYPES, compute_embeddings
 from models.moe_mae import POOLINGS
 from utils.checkpoint import load_pretrained
-from utils.config import Field, dump_config, load_config, model_fields
+from utils.config import Field, config_arguments, dump_config, load_config, model_fields
 from utils.errors import run_cli
 from utils.runtime import select_device, setup_distributed, teardown_distributed
 
@@ -45,10 +44,7 @@ SCHEMA = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Embed dataset splits with a frozen encoder.")
-    parser.add_argument("--config_yaml", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = config_arguments("Embed dataset splits with a frozen encoder.").parse_args(argv)
     config = load_config(args.config_yaml, SCHEMA, args.set)
     model_cfg, data_cfg, embed_cfg = config["model"], config["data"], config["embed"]
     dist = setup_distributed()

@@ -12,13 +12,12 @@ it with ``--set data.legacy_hour=true``.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from datasets.builders import FORMATS
 from eval.evaluate_mae import MAEEvaluator
-from utils.config import (Field, load_config, model_fields, non_negative, positive,
-                          unit_interval_open)
+from utils.config import (Field, config_arguments, load_config, model_fields, non_negative,
+                          positive, unit_interval_open)
 from utils.errors import UserInputError, run_cli
 from utils.files import write_json
 from utils.runtime import select_device
@@ -50,10 +49,7 @@ SCHEMA = {
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Evaluate MoE-MAE reconstructions.")
-    parser.add_argument("--config_yaml", required=True)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = config_arguments("Evaluate MoE-MAE reconstructions.").parse_args(argv)
     config = load_config(args.config_yaml, SCHEMA, args.set)
     if config["model"]["img_size"] % config["model"]["patch_size"]:
         raise UserInputError("model.img_size must be a multiple of model.patch_size")

@@ -43,8 +43,8 @@ from scheduler.schedulers import WarmupCosineLR
 from utils.analysis_utils import RoutingCounter
 from utils.checkpoint import (FORMAT_VERSION, apply_weights, load_checkpoint, rng_state,
                               set_rng_state)
-from utils.config import (Field, dump_config, fraction, load_config, model_fields, non_negative,
-                          positive, unit_interval_open)
+from utils.config import (Field, config_arguments, dump_config, fraction, load_config,
+                          model_fields, non_negative, positive, unit_interval_open)
 from utils.errors import UserInputError, run_cli
 from utils.files import atomic_path, torch_save, write_csv, write_text
 from utils.runtime import (Distributed, autocast_dtype, seed_everything, seed_worker,
@@ -114,12 +114,9 @@ class RunFiles(NamedTuple):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Pretrain the MoE-MAE.")
-    parser.add_argument("--config_yaml", required=True, help="YAML config")
+    parser = config_arguments("Pretrain the MoE-MAE.")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint in training.weight_path")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value (repeatable)")
     return parser.parse_args(argv)
 
 

@@ -9,26 +9,16 @@ from pathlib import Path
 import nbformat
 import pytest
 import torch
-from nbclient import NotebookClient
 
 from models.moe_mae import build_mae
+from notebook_runner import code_outputs, run_notebook
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_notebook(name: str, parameters: str) -> nbformat.NotebookNode:
-    notebook = nbformat.read(REPO / f"{name}.ipynb", as_version=4)
-    first_code = next(cell for cell in notebook.cells if cell.cell_type == "code")
-    first_code.source = parameters
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO)}}).execute()
-    return notebook
-
-
 def outputs_text(notebook) -> str:
-    return "\n".join(output.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
-                     for output in cell.get("outputs", []))
+    return "\n".join(output.get("text", "") for output in code_outputs(notebook))
 
 
 def test_notebooks_are_committed_without_outputs():

@@ -11,6 +11,7 @@ a run's outputs.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 from dataclasses import dataclass
@@ -194,6 +195,16 @@ def _apply_override(raw: dict, override: str) -> None:
 def _suggest(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else f"; known: {', '.join(options)}"
+
+
+def config_arguments(description: str) -> argparse.ArgumentParser:
+    """The command line every config-driven script shares: ``--config_yaml PATH`` and
+    repeatable ``--set section.key=value`` overrides (add script-specific flags to it)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config_yaml", required=True, help="YAML config")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (repeatable)")
+    return parser
 
 
 def dump_config(config: Mapping) -> str:
