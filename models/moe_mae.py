@@ -84,7 +84,7 @@ class Routing(NamedTuple):
     topk_gates: torch.Tensor  # (T, k) softmax over the k selected noisy logits
     clean_logits: torch.Tensor  # (T, E) Wg x
     noisy_logits: torch.Tensor  # (T, E) Wg x + eps * noise_scale (== clean in eval)
-    noise_scale: torch.Tensor  # (T, E) softplus(Wnoise x)
+    noise_scale: Optional[torch.Tensor]  # (T, E) softplus(Wnoise x); None if not needed
 
     def dense_gates(self) -> torch.Tensor:
         """(T, E) gate values, zero outside each token's top k."""
