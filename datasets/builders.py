@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from datasets.bigearthnet import BigEarthNetDatasetLS
 from datasets.eurosat import EuroSATDatasetLS
 from datasets.pack import PackedBigEarthNetDataset
@@ -95,6 +97,18 @@ def build_split(data: dict, split: str, img_size: int = 40, supervised: bool = T
     return build_bigearthnet(data["dataset_path"], split, "raw", img_size=img_size,
                              supervised=supervised, num_classes=data["num_classes"],
                              legacy_hour=data["legacy_hour"], skip_invalid=data["skip_invalid"])
+
+
+def split_batch(batch):
+    """(imgs, targets or None, [week, hour, lat, lon] or four Nones) from a batch of images, of
+    ``(imgs, targets)`` (EuroSAT-L: no metadata) or ``(imgs, targets, week, hour, lat, lon)``
+    (BigEarthNet-L)."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None, [None] * 4
+    imgs, *rest = batch
+    targets = rest[0] if rest else None
+    meta = list(rest[1:5]) if len(rest) >= 5 else [None] * 4
+    return imgs, targets, meta
 
 
 def class_names(data: dict) -> list:

@@ -32,6 +32,7 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from datasets.builders import split_batch
 from models.moe_mae import MOEEncoder, POOLINGS
 from utils.errors import UserInputError
 
@@ -72,12 +73,6 @@ def dataset_ids(dataset: Dataset) -> list:
         if hasattr(dataset, attribute):
             return [str(v) for v in getattr(dataset, attribute)]
     return [str(i) for i in range(len(dataset))]
-
-
-def _unpack(batch):
-    """(imgs, targets, meta list or None) from a (x, y) or (x, y, week, hour, lat, lon) batch."""
-    imgs, targets, *meta = batch
-    return imgs, targets, (meta if len(meta) == 4 else None)
 
 
 def _labels(targets) -> np.ndarray:
@@ -175,11 +170,11 @@ def _embedding_size(encoder: MOEEncoder, pooling: str) -> int:
 
 def _batches(loader: DataLoader, progress: bool) -> Iterable:
     for batch in tqdm(loader, desc="embedding", disable=not progress, mininterval=1.0):
-        yield _unpack(batch)
+        yield split_batch(batch)
 
 
 def _embed_batch(encoder, imgs, meta, pooling, normed, use_metadata, device) -> np.ndarray:
-    meta = [m.to(device) for m in meta] if (meta is not None and use_metadata) else [None] * 4
+    meta = [None if m is None or not use_metadata else m.to(device) for m in meta]
     embeddings = encoder.embed(imgs.to(device), *meta, pooling=pooling, normed=normed)
     return embeddings.float().cpu().numpy()
 

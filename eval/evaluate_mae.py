@@ -33,7 +33,7 @@ from datasets.builders import build_bigearthnet
 from models.moe_mae import MOEMAE
 from utils.checkpoint import load_pretrained
 from utils.data_config import BigEarthNetInfo
-from utils.data_utils import rgb_bands, save_figure, stretch, stretch_limits
+from utils.data_utils import rgb_bands, save_figure, stretch, stretch_limits, unnormalize
 
 class MAEEvaluator:
     """Evaluate ``config["model"]["checkpoint_path"]`` on ``config["data"]``'s split.
@@ -55,9 +55,6 @@ class MAEEvaluator:
             self.dataset.transform = transform
         self.loader = DataLoader(self.dataset, batch_size=data_cfg["batch_size"],
                                  num_workers=data_cfg["num_workers"], shuffle=False)
-        stats = BigEarthNetInfo.STATISTICS
-        self.mean = torch.tensor(stats["mean"]).view(1, -1, 1, 1)
-        self.std = torch.tensor(stats["std"]).view(1, -1, 1, 1)
 
     @torch.inference_mode()
     def run(self) -> Dict[str, object]:
@@ -115,8 +112,10 @@ class MAEEvaluator:
         ids = getattr(self.dataset, "patch_ids", None)
         return ids[index] if ids is not None else str(index)
 
-    def _to_dn(self, normalised: torch.Tensor) -> torch.Tensor:
-        return normalised.float().cpu() * self.std + self.mean
+    @staticmethod
+    def _to_dn(normalised: torch.Tensor) -> torch.Tensor:
+        stats = BigEarthNetInfo.STATISTICS
+        return unnormalize(normalised.float().cpu(), stats["mean"], stats["std"])
 
     def _pixel_mask(self, mask: torch.Tensor, imgs: torch.Tensor) -> torch.Tensor:
         """(B, N) patch mask -> (B, 1, H, W) pixel mask."""

@@ -40,6 +40,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from datasets.builders import split_batch
 from models.moe_mae import CLS_INDEX, MOEEncoder, MOEMAE, MoELayer, NoisyTopKGate
 from utils.data_config import BigEarthNetInfo
 from utils.data_utils import rgb_bands, save_figure, stretch, stretch_limits, unnormalize
@@ -444,17 +445,6 @@ def _add_rows(total: np.ndarray, values: np.ndarray) -> np.ndarray:
     return padded
 
 
-def _unpack_batch(batch):
-    """(imgs, labels or None, [week, hour, lat, lon] or Nones) from a batch of images, of
-    ``(imgs, targets)`` or of ``(imgs, targets, week, hour, lat, lon)``."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None, [None] * 4
-    imgs, *rest = batch
-    targets = rest[0] if rest else None
-    meta = list(rest[1:5]) if len(rest) >= 5 else [None] * 4
-    return imgs, targets, meta
-
-
 def _multi_hot(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(B, C) multi-hot targets as they are, or (B,) class indices one-hot."""
     targets = torch.as_tensor(targets)
@@ -479,7 +469,7 @@ def expert_usage_statistics(model: nn.Module, loader,
     num_classes = len(class_names) if class_names is not None else 0
     with evaluation(encoder):
         for batch in loader:
-            imgs, targets, meta = _unpack_batch(batch)
+            imgs, targets, meta = split_batch(batch)
             imgs = imgs.to(device)
             meta = [None if m is None else m.to(device) for m in meta]
             labels = None
