@@ -26,7 +26,8 @@ from typing import Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from models.fast_ops import matmul_nt, matmul_tn
+from models import native
+from models.fast_ops import matmul_nt, matmul_tn, native_usable
 
 
 def _gate_weighted_sum(gates: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -51,11 +52,18 @@ class ExpertMixture(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, topk_idx, gates, stacked_weight, stacked_bias, w2_weight, w2_bias):
+    def forward(ctx, x, topk_idx, gates, stacked_weight, stacked_bias, w2_weight, w2_bias,
+                x_t=None):
         T, k = gates.shape
         dh = w2_weight.shape[1]
         pre = matmul_nt(x, stacked_weight, stacked_bias).view(T, -1, dh)  # (T, E + 1, dh)
         num_experts = pre.shape[1] - 1
+        ctx.native = native_usable(x, gates) and k <= native.MAX_TOP_K
+        if ctx.native:
+            hidden = native.expert_mix_forward(pre, topk_idx, gates)
+            ctx.save_for_backward(x, topk_idx, gates, pre, hidden, stacked_weight, w2_weight,
+                                  x_t)
+            return matmul_nt(hidden, w2_weight, w2_bias)
         # rows of pre viewed as (T * (E + 1), dh) that hold W_e x of the routed experts
         index = (topk_idx + torch.arange(0, T * (num_experts + 1), num_experts + 1,
                                          device=x.device).unsqueeze(1)).view(-1)
@@ -67,11 +75,21 @@ class ExpertMixture(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, index, gates, pre, selected, hidden, stacked_weight, w2_weight = ctx.saved_tensors
+        if ctx.native:
+            x, topk_idx, gates, pre, hidden, stacked_weight, w2_weight, x_t = ctx.saved_tensors
+        else:
+            x, index, gates, pre, selected, hidden, stacked_weight, w2_weight = ctx.saved_tensors
         num_experts = pre.shape[1] - 1
         grad_w2 = matmul_tn(grad_y, hidden)
         grad_w2_bias = grad_y.sum(0)
         grad_hidden = matmul_nt(grad_y, w2_weight.t().contiguous())
+        if ctx.native:
+            grad_pre, grad_gates = native.expert_mix_backward(grad_hidden, pre, topk_idx, gates)
+            grad_pre = grad_pre.view(x.shape[0], -1)
+            grad_x = matmul_nt(grad_pre, stacked_weight.t().contiguous())
+            grad_stacked = matmul_tn(grad_pre, x, x_t)
+            return (grad_x, None, grad_gates, grad_stacked, grad_pre.sum(0), grad_w2,
+                    grad_w2_bias, None)
 
         act, act_grad = _silu_and_grad(selected)
         v_out = pre[:, num_experts]
@@ -87,15 +105,18 @@ class ExpertMixture(torch.autograd.Function):
 
         grad_x = matmul_nt(grad_pre, stacked_weight.t().contiguous())
         grad_stacked = matmul_tn(grad_pre, x)
-        return (grad_x, None, grad_gates, grad_stacked, grad_pre.sum(0), grad_w2, grad_w2_bias)
+        return (grad_x, None, grad_gates, grad_stacked, grad_pre.sum(0), grad_w2, grad_w2_bias,
+                None)
 
 
 def expert_mixture(x: torch.Tensor, topk_idx: torch.Tensor, topk_gates: torch.Tensor,
                    w_weights: Sequence[torch.Tensor], w_biases: Sequence[torch.Tensor],
-                   v_weight, v_bias, w2_weight, w2_bias) -> torch.Tensor:
-    """x (T, dim), routing (T, k) -> mixture of the routed experts (T, dim), no dropout."""
+                   v_weight, v_bias, w2_weight, w2_bias, x_t=None) -> torch.Tensor:
+    """x (T, dim), routing (T, k) -> mixture of the routed experts (T, dim), no dropout.
+    x_t: optionally x transposed (dim, T), for the weight gradient."""
     stacked_weight = torch.cat([*w_weights, v_weight])
     stacked_bias = torch.cat([*w_biases, v_bias])
     dtype = x.dtype
     return ExpertMixture.apply(x, topk_idx, topk_gates.to(dtype), stacked_weight.to(dtype),
-                               stacked_bias.to(dtype), w2_weight.to(dtype), w2_bias.to(dtype))
+                               stacked_bias.to(dtype), w2_weight.to(dtype), w2_bias.to(dtype),
+                               x_t)

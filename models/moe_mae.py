@@ -13,13 +13,14 @@ The architecture of arXiv 2509.10919 (about 2.5M parameters for size S):
 ``state_dict()`` uses the published key layout (``../shared/reference``'s JSON lists it), so
 checkpoints go both ways between the published code and this one.
 
-Attention, gate and MoE have two implementations of their forward pass, selected with
-:func:`use_reference_impl`:
+Attention, gate, MoE and the layer norms and linears around them have two implementations,
+selected with :func:`use_reference_impl`:
 
-* the fast path (default): fused q/k/v projection and grouped attention
-  (:func:`grouped_attention_cpu` on CPU, SDPA elsewhere); an MoE that computes the shared
-  ``V x`` and ``W2`` once per token (:mod:`models.fast_moe`); matrix
-  products through oneDNN on CPU (:mod:`models.fast_ops`);
+* the fast path (default): fused q/k/v projection and grouped attention (on CPU the fused
+  native kernel of :mod:`models.native`, else :func:`grouped_attention_cpu`; SDPA elsewhere);
+  an MoE that computes the shared ``V x`` and ``W2`` once per token (:mod:`models.fast_moe`);
+  on CPU, native LayerNorm and dropout kernels and matrix products through oneDNN
+  (:mod:`models.fast_ops`);
 * the reference path: the plain published computation (repeated k/v with an explicit
   softmax; per expert a gather of its tokens, the full SwiGLU and an ``index_add`` of the
   gated outputs). Tests use it as the oracle for the fast path.
@@ -37,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import fast_ops
+from models import fast_ops, native
 from models.fast_ops import linear
 from models.fast_moe import expert_mixture
 
@@ -201,10 +202,11 @@ class MoELayer(nn.Module):
     def W2(self) -> nn.Linear:
         return self.experts[0].W2
 
-    def forward(self, x: torch.Tensor, with_loss: bool = True
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, x_t: Optional[torch.Tensor] = None,
+                with_loss: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x: (B, N, dim) -> (y (B, N, dim), auxiliary loss (scalar), or None when
-        ``with_loss`` is False: inference that needs no loss skips its computation)."""
+        ``with_loss`` is False: inference that needs no loss skips its computation).
+        x_t: optionally x as a contiguous (dim, B * N) transpose, for weight gradients."""
         flat = x.reshape(-1, self.dim)
         routing = self.gate(flat, need_noise_scale=with_loss)
         aux_loss = load_balancing_loss(routing, self.w_importance, self.w_load) \
@@ -212,15 +214,16 @@ class MoELayer(nn.Module):
         if self.use_reference:
             y = self.combine_reference(flat, routing)
         else:
-            y = fast_ops.dropout(self.combine(flat, routing), self.dropout.p, self.training)
+            y = fast_ops.dropout(self.combine(flat, routing, x_t), self.dropout.p, self.training)
         return y.view_as(x), aux_loss
 
-    def combine(self, flat: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def combine(self, flat: torch.Tensor, routing: Routing,
+                flat_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Fast expert mixture, without dropout. flat: (T, dim) -> (T, dim)."""
         experts = list(self.experts)
         return expert_mixture(flat, routing.topk_idx, routing.topk_gates,
                               [e.W.weight for e in experts], [e.W.bias for e in experts],
-                              self.V.weight, self.V.bias, self.W2.weight, self.W2.bias)
+                              self.V.weight, self.V.bias, self.W2.weight, self.W2.bias, flat_t)
 
     def combine_reference(self, flat: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The published per-expert loop (dropout included). flat: (T, dim) -> (T, dim)."""
@@ -264,6 +267,31 @@ def grouped_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num
     return out.view(B, G, R, N, hd).permute(0, 3, 1, 2, 4).reshape(B, N, num_heads * hd)
 
 
+class _NativeGroupedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, num_heads, num_groups):
+        out, probs = native.attention_forward(qkv, num_heads, num_groups, save_probs=True)
+        ctx.save_for_backward(qkv, probs)
+        ctx.heads = num_heads, num_groups
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qkv, probs = ctx.saved_tensors
+        return native.attention_backward(qkv, probs, grad_out, *ctx.heads), None, None
+
+
+def native_grouped_attention(qkv: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
+    """Softmax attention with the native kernels (:mod:`models.native`).
+
+    qkv (B, N, (H + 2G) hd): the fused projection output, query heads group-major and already
+    scaled, then the G key heads, then the G value heads. Returns (B, N, H hd).
+    """
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return _NativeGroupedAttention.apply(qkv, num_heads, num_groups)
+    return native.attention_forward(qkv, num_heads, num_groups, save_probs=False)[0]
+
+
 class GroupedQueryAttention(nn.Module):
     """Grouped-query attention: ``num_heads`` query heads share ``num_groups`` k/v heads.
 
@@ -292,8 +320,9 @@ class GroupedQueryAttention(nn.Module):
         self.register_buffer("head_order", torch.tensor(sdpa_to_published), persistent=False)
         self.use_reference = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, dim) -> (B, N, dim)."""
+    def forward(self, x: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, N, dim) -> (B, N, dim). x_t: optionally x as a contiguous (dim, B * N)
+        transpose, for the weight gradient of the q/k/v projection (fast path)."""
         if self.use_reference:
             return self.forward_reference(x)
         B, N, _ = x.shape
@@ -302,9 +331,11 @@ class GroupedQueryAttention(nn.Module):
         q_weight = self.q_proj.weight.view(H, hd, self.dim)[self.head_order].view(self.dim, -1)
         q_bias = self.q_proj.bias.view(H, hd)[self.head_order].view(-1)
         qkv = linear(x, torch.cat([q_weight * scale, self.k_proj.weight, self.v_proj.weight]),
-                     torch.cat([q_bias * scale, self.k_proj.bias, self.v_proj.bias]))
+                     torch.cat([q_bias * scale, self.k_proj.bias, self.v_proj.bias]), x_t)
         q, k, v = qkv.split([H * hd, G * hd, G * hd], dim=-1)
-        if x.device.type == "cpu":
+        if hd <= native.MAX_HEAD_DIM and fast_ops.native_usable(qkv):
+            out = native_grouped_attention(qkv, H, G)
+        elif x.device.type == "cpu":
             out = grouped_attention_cpu(q, k, v, H, G)
         else:
             out = F.scaled_dot_product_attention(
@@ -342,8 +373,13 @@ class MoETransformerEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, with_loss: bool = True
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x: (B, N, m) -> (x (B, N, m), auxiliary loss or None, see :meth:`MoELayer.forward`)."""
-        x = x + self.attn(self.norm1(x))
-        moe_out, aux_loss = self.moe(self.norm2(x), with_loss)
+        if self.attn.use_reference:
+            x = x + self.attn(self.norm1(x))
+            moe_out, aux_loss = self.moe(self.norm2(x), with_loss=with_loss)
+            return x + moe_out, aux_loss
+        # the fast norms also hand their output transposed to the next layers' weight gradients
+        x = x + self.attn(*fast_ops.layer_norm(x, self.norm1))
+        moe_out, aux_loss = self.moe(*fast_ops.layer_norm(x, self.norm2), with_loss=with_loss)
         return x + moe_out, aux_loss
 
 
@@ -535,6 +571,7 @@ class MOEMAE(nn.Module):
                                       encoder.patch_size ** 2 * encoder.in_chans)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+        self.use_reference = False  # see use_reference_impl
 
     def random_masking(self, batch_size: int, mask_ratio: Optional[float] = None,
                        noise: Optional[torch.Tensor] = None, device=None
@@ -573,12 +610,18 @@ class MOEMAE(nn.Module):
         tokens = self.encoder.prepare_tokens(imgs, meta_week, meta_hour, meta_lat, meta_lon,
                                              ids_keep)
         tokens, moe_loss = self.encoder.forward_layers(tokens)
-        return self.encoder.norm(tokens), moe_loss, mask, ids_restore
+        return self._norm(tokens, self.encoder.norm), moe_loss, mask, ids_restore
+
+    def _norm(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+        return norm(x) if self.use_reference else fast_ops.layer_norm(x, norm)[0]
+
+    def _linear(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+        return layer(x) if self.use_reference else linear(x, layer.weight, layer.bias)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent (B, 5 + K, dim), ids_restore (B, N) -> pred (B, N, p*p*C)."""
         M = self.encoder.num_meta_tokens
-        x = self.decoder_embed(latent)
+        x = self._linear(latent, self.decoder_embed)
         meta_cls, kept = x[:, :M + 1], x[:, M + 1:]
         B, K, D = kept.shape
         N = ids_restore.shape[1]
@@ -587,7 +630,7 @@ class MOEMAE(nn.Module):
         x = torch.cat([meta_cls, patches + self.decoder_pos_embed], dim=1)
         for layer in self.decoder_layers:  # their balancing losses are unused, as published
             x, _ = layer(x, with_loss=False)
-        return self.decoder_pred(self.decoder_norm(x)[:, M + 1:])
+        return self._linear(self._norm(x, self.decoder_norm)[:, M + 1:], self.decoder_pred)
 
     def forward(self, imgs, meta_week=None, meta_hour=None, meta_lat=None, meta_lon=None,
                 mask_ratio: Optional[float] = None, noise: Optional[torch.Tensor] = None):
@@ -664,9 +707,10 @@ def moe_layers(model: nn.Module) -> Iterator[Tuple[str, MoELayer]]:
 
 @contextlib.contextmanager
 def use_reference_impl(model: nn.Module, enabled: bool = True):
-    """Within the block, attention and MoE layers run the plain published computation."""
+    """Within the block, attention, MoE and the MAE's decoder run the plain published
+    computation (PyTorch layers only)."""
     blocks = [m for m in model.modules()
-              if isinstance(m, (MoELayer, NoisyTopKGate, GroupedQueryAttention))]
+              if isinstance(m, (MoELayer, NoisyTopKGate, GroupedQueryAttention, MOEMAE))]
     previous = [m.use_reference for m in blocks]
     for m in blocks:
         m.use_reference = enabled

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import fast_ops
+from models import fast_ops, native
 from models.fast_moe import expert_mixture
 from models.moe_mae import MoELayer
 
@@ -40,28 +40,60 @@ def test_linear_falls_back_to_torch_outside_fp32_cpu():
             pass
 
 
-def test_dropout_drops_p_and_keeps_the_expectation():
+def kept_scale(p, use_native):
+    if use_native:
+        return native.dropout_threshold(p)[1]
+    return 65536 / (65536 - round(p * 65536))
+
+
+# the native kernel where it builds, and the PyTorch fallback
+DROPOUT_PATHS = [pytest.param(True, marks=pytest.mark.skipif(native.library() is None,
+                                                             reason=native.status())), False]
+
+
+@pytest.mark.parametrize("use_native", DROPOUT_PATHS)
+def test_dropout_drops_p_and_keeps_the_expectation(use_native):
     x = torch.ones(200_000)
-    torch.manual_seed(0)
-    y = fast_ops.dropout(x, 0.1, training=True)
-    dropped = (y == 0).float().mean().item()
-    assert dropped == pytest.approx(0.1, abs=0.003)
-    assert y.mean().item() == pytest.approx(1.0, abs=0.005)
-    values = y.unique()
-    assert len(values) == 2 and values[0] == 0
-    assert values[1].item() == pytest.approx(65536 / (65536 - 6554))
-    torch.manual_seed(0)
-    assert torch.equal(fast_ops.dropout(x, 0.1, training=True), y)  # seeded
-    assert fast_ops.dropout(x, 0.1, training=False) is x
+    with native.enabled(use_native):
+        torch.manual_seed(0)
+        y = fast_ops.dropout(x, 0.1, training=True)
+        dropped = (y == 0).float().mean().item()
+        assert dropped == pytest.approx(0.1, abs=0.003)
+        assert y.mean().item() == pytest.approx(1.0, abs=0.005)
+        values = y.unique()
+        assert len(values) == 2 and values[0] == 0
+        assert values[1].item() == pytest.approx(kept_scale(0.1, use_native))
+        torch.manual_seed(0)
+        assert torch.equal(fast_ops.dropout(x, 0.1, training=True), y)  # seeded
+        assert not torch.equal(fast_ops.dropout(x, 0.1, training=True), y)  # a new mask
+        assert fast_ops.dropout(x, 0.1, training=False) is x
 
 
-def test_dropout_gradient_is_the_mask():
+@pytest.mark.parametrize("use_native", DROPOUT_PATHS)
+def test_dropout_gradient_is_the_mask(use_native):
     x = torch.randn(1000, requires_grad=True)
-    y = fast_ops.dropout(x, 0.25, training=True)
+    with native.enabled(use_native):
+        y = fast_ops.dropout(x, 0.25, training=True)
     (grad,) = torch.autograd.grad(y.sum(), x)
     kept = y != 0
-    assert torch.allclose(grad[kept], torch.full_like(grad[kept], 65536 / (65536 - 16384)))
+    assert 150 < (~kept).sum() < 350
+    assert torch.allclose(grad[kept], torch.full_like(grad[kept], kept_scale(0.25, use_native)))
     assert (grad[~kept] == 0).all()
+
+
+@pytest.mark.skipif(native.library() is None, reason=native.status())
+def test_native_dropout_mask_has_no_visible_structure():
+    """Neighbouring elements and rows are independent: the drop rate of every lane of 16 and
+    of pairs of neighbours matches p and p^2."""
+    with native.enabled(True):
+        torch.manual_seed(1)
+        dropped = fast_ops.dropout(torch.ones(4096, 144), 0.5, training=True) == 0
+    lanes = dropped.view(-1, 16).float().mean(0)
+    assert ((lanes - 0.5).abs() < 0.01).all()
+    both = (dropped[:, 1:] & dropped[:, :-1]).float().mean().item()
+    assert both == pytest.approx(0.25, abs=0.005)
+    rows = (dropped[1:] & dropped[:-1]).float().mean().item()
+    assert rows == pytest.approx(0.25, abs=0.005)
 
 
 @pytest.mark.parametrize("num_experts,k", [(3, 2), (5, 2), (4, 3)])

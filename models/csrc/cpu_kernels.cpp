@@ -1,0 +1,455 @@
+// Fused CPU kernels for the MoE-MAE fast path (fp32, contiguous row-major tensors).
+//
+// Built on first use by models/native.py (g++ -O3 -march=native -fopenmp) and called through
+// ctypes. Vectors are GCC vector types of 16 floats (one AVX-512 register; the compiler splits
+// them on narrower CPUs). Every kernel is deterministic: work is split over independent tasks
+// and each output element is reduced in a fixed order, whatever the number of threads.
+//
+// Grouped attention. qkv (B, N, C) with C = (H + 2G) * hd holds, per token, the H query heads
+// (group-major: head h uses k/v group h / R, R = H / G; queries already scaled), then the G key
+// heads, then the G value heads. out and grad_out are (B, N, H * hd). One task is one
+// (sample, group) pair; its R * N query rows (row = r * N + i) share the group's keys and
+// values. probs (B * G, M, NP) keeps the forward softmax for the backward pass, rows padded
+// to M (a multiple of 4) and keys to NP (a multiple of 16) with zeros.
+//
+// Expert mixing. pre (T, E + 1, dh) holds W_e x for the E experts followed by V x; idx and
+// gates (T, k) the routed experts and their gates. hidden = V x * sum_j gates_j silu(W_j x).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+using idx_t = int64_t;
+
+namespace {
+
+constexpr int L = 16;                   // floats per vector
+constexpr int RB = 4;                   // query rows processed together
+constexpr int kMaxHeadVectors = 8;      // head dim <= 128
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
+
+inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
+inline vf splat(float x) { return vf{} + x; }
+inline vf load_tail(const float* p, idx_t n) {  // n < L floats, the rest zero
+  vf v = {};
+  for (idx_t l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+}
+inline void store_tail(float* p, vf v, idx_t n) {
+  for (idx_t l = 0; l < n; ++l) p[l] = v[l];
+}
+// Horizontal reductions in log2(L) shuffle steps.
+inline vf swap_halves(vf v, int width) {
+  vi perm;
+  for (int l = 0; l < L; ++l) perm[l] = l ^ width;
+  return __builtin_shuffle(v, perm);
+}
+inline float hsum(vf v) {
+  for (int width = L / 2; width > 0; width /= 2) v += swap_halves(v, width);
+  return v[0];
+}
+inline float hmax(vf v) {
+  for (int width = L / 2; width > 0; width /= 2) {
+    const vf w = swap_halves(v, width);
+    v = v > w ? v : w;
+  }
+  return v[0];
+}
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// exp(x) with relative error ~2e-7 for x in [-87, 88] (clamped outside).
+inline vf vexp(vf x) {
+  x = vmax(x, splat(-87.0f));
+  x = x < splat(88.0f) ? x : splat(88.0f);
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf t = x * 1.44269504088896341f + magic;
+  const vf n = t - magic;
+  const vf r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  vf p = splat(1.0f / 720.0f);
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi bits = (((vi)t - (vi)magic) + 127) << 23;  // 2^n
+  return p * (vf)bits;
+}
+
+inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+
+inline idx_t round_up(idx_t x, idx_t m) { return (x + m - 1) / m * m; }
+
+// Per-task geometry and local copies of one (sample, group) pair.
+struct Task {
+  idx_t N, NP, NB, M, hd, HV, C;
+  // rows of the task: row = r * N + i  ->  token i, query head g * R + r
+};
+
+// Copies rows of width hd from a strided source into (rows, HV * L) zero-padded vectors.
+inline void gather_rows(const float* src, idx_t stride, idx_t rows, idx_t hd, idx_t HV,
+                        float* dst) {
+  for (idx_t j = 0; j < rows; ++j) {
+    float* d = dst + j * HV * L;
+    std::memcpy(d, src + j * stride, hd * sizeof(float));
+    std::fill(d + hd, d + HV * L, 0.0f);
+  }
+}
+
+template <int HV_T>
+void attention_forward_impl(const float* qkv, float* out, float* probs, idx_t B, idx_t N,
+                            idx_t H, idx_t G, idx_t hd, int threads) {
+  const idx_t HV = HV_T ? HV_T : (hd + L - 1) / L, W = HV * L;
+  const idx_t R = H / G, C = (H + 2 * G) * hd, NP = round_up(N, L), NB = NP / L;
+  const idx_t M = round_up(R * N, RB), out_stride = H * hd;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> kt(hd * NP), v(NP * W), q(M * W), key_bias(NP), scratch(RB * NP);
+    for (idx_t j = 0; j < NP; ++j) key_bias[j] = j < N ? 0.0f : -1e30f;  // padded keys
+#pragma omp for schedule(static)
+    for (idx_t task = 0; task < B * G; ++task) {
+      const idx_t b = task / G, g = task % G;
+      const float* base = qkv + b * N * C;
+      std::fill(kt.begin(), kt.end(), 0.0f);
+      for (idx_t j = 0; j < N; ++j)
+        for (idx_t d = 0; d < hd; ++d) kt[d * NP + j] = base[j * C + (H + g) * hd + d];
+      std::fill(v.begin(), v.end(), 0.0f);
+      gather_rows(base + (H + G + g) * hd, C, N, hd, HV, v.data());
+      std::fill(q.begin(), q.end(), 0.0f);
+      for (idx_t r = 0; r < R; ++r)
+        gather_rows(base + (g * R + r) * hd, C, N, hd, HV, q.data() + r * N * W);
+      float* task_probs = probs ? probs + task * M * NP : nullptr;
+
+      for (idx_t row0 = 0; row0 < M; row0 += RB) {
+        float* p = task_probs ? task_probs + row0 * NP : scratch.data();
+        // scores and softmax, keys in vector lanes
+        for (idx_t jb = 0; jb < NB; ++jb) {
+          vf acc[RB] = {};
+          for (idx_t d = 0; d < hd; ++d) {
+            const vf k = load(kt.data() + d * NP + jb * L);
+            for (int r = 0; r < RB; ++r) acc[r] += q[(row0 + r) * W + d] * k;
+          }
+          const vf bias = load(key_bias.data() + jb * L);
+          for (int r = 0; r < RB; ++r) store(p + r * NP + jb * L, acc[r] + bias);
+        }
+        for (int r = 0; r < RB; ++r) {
+          float* pr = p + r * NP;
+          vf m = load(pr);
+          for (idx_t jb = 1; jb < NB; ++jb) m = vmax(m, load(pr + jb * L));
+          const float row_max = hmax(m);
+          vf sum = {};
+          for (idx_t jb = 0; jb < NB; ++jb) {
+            const vf e = vexp(load(pr + jb * L) - row_max);
+            store(pr + jb * L, e);
+            sum += e;
+          }
+          const float inv = 1.0f / hsum(sum);
+          for (idx_t jb = 0; jb < NB; ++jb) store(pr + jb * L, load(pr + jb * L) * inv);
+        }
+        // out = p V, head dims in vector lanes
+        vf acc[RB][HV_T ? HV_T : kMaxHeadVectors] = {};
+        for (idx_t j = 0; j < N; ++j) {
+          for (idx_t h = 0; h < HV; ++h) {
+            const vf vv = load(v.data() + j * W + h * L);
+            for (int r = 0; r < RB; ++r) acc[r][h] += p[r * NP + j] * vv;
+          }
+        }
+        for (int r = 0; r < RB && row0 + r < R * N; ++r) {
+          const idx_t row = row0 + r, head = g * R + row / N, i = row % N;
+          float* o = out + (b * N + i) * out_stride + head * hd;
+          for (idx_t h = 0; h < HV; ++h) {
+            const idx_t n = std::min<idx_t>(L, hd - h * L);
+            if (n == L) store(o + h * L, acc[r][h]); else store_tail(o + h * L, acc[r][h], n);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <int HV_T>
+void attention_backward_impl(const float* qkv, const float* probs, const float* grad_out,
+                             float* grad_qkv, idx_t B, idx_t N, idx_t H, idx_t G, idx_t hd,
+                             int threads) {
+  const idx_t HV = HV_T ? HV_T : (hd + L - 1) / L, W = HV * L;
+  const idx_t R = H / G, C = (H + 2 * G) * hd, NP = round_up(N, L), NB = NP / L;
+  const idx_t M = round_up(R * N, RB), out_stride = H * hd;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> k(NP * W), vt(hd * NP), q(M * W), go(M * W), dk(NP * W), dv(NP * W),
+        ds(RB * NP);
+#pragma omp for schedule(static)
+    for (idx_t task = 0; task < B * G; ++task) {
+      const idx_t b = task / G, g = task % G;
+      const float* base = qkv + b * N * C;
+      std::fill(k.begin(), k.end(), 0.0f);
+      gather_rows(base + (H + g) * hd, C, N, hd, HV, k.data());
+      std::fill(vt.begin(), vt.end(), 0.0f);
+      for (idx_t j = 0; j < N; ++j)
+        for (idx_t d = 0; d < hd; ++d) vt[d * NP + j] = base[j * C + (H + G + g) * hd + d];
+      std::fill(q.begin(), q.end(), 0.0f);
+      std::fill(go.begin(), go.end(), 0.0f);
+      for (idx_t r = 0; r < R; ++r) {
+        gather_rows(base + (g * R + r) * hd, C, N, hd, HV, q.data() + r * N * W);
+        gather_rows(grad_out + b * N * out_stride + (g * R + r) * hd, out_stride, N, hd, HV,
+                    go.data() + r * N * W);
+      }
+      std::fill(dk.begin(), dk.end(), 0.0f);
+      std::fill(dv.begin(), dv.end(), 0.0f);
+      const float* task_probs = probs + task * M * NP;
+
+      for (idx_t row0 = 0; row0 < M; row0 += RB) {
+        const float* p = task_probs + row0 * NP;
+        // dp = dO V^T; ds = p * (dp - <p, dp>), keys in vector lanes
+        vf delta[RB] = {};
+        for (idx_t jb = 0; jb < NB; ++jb) {
+          vf acc[RB] = {};
+          for (idx_t d = 0; d < hd; ++d) {
+            const vf vv = load(vt.data() + d * NP + jb * L);
+            for (int r = 0; r < RB; ++r) acc[r] += go[(row0 + r) * W + d] * vv;
+          }
+          for (int r = 0; r < RB; ++r) {
+            store(ds.data() + r * NP + jb * L, acc[r]);
+            delta[r] += load(p + r * NP + jb * L) * acc[r];
+          }
+        }
+        for (int r = 0; r < RB; ++r) {
+          const float dr = hsum(delta[r]);
+          for (idx_t jb = 0; jb < NB; ++jb) {
+            const idx_t o = r * NP + jb * L;
+            store(ds.data() + o, load(p + o) * (load(ds.data() + o) - dr));
+          }
+        }
+        // dV += p^T dO; dK += ds^T Q; dQ = ds K, head dims in vector lanes
+        constexpr int HVM = HV_T ? HV_T : kMaxHeadVectors;
+        vf qr[RB][HVM], gr[RB][HVM], dq[RB][HVM] = {};
+        for (int r = 0; r < RB; ++r)
+          for (idx_t h = 0; h < HV; ++h) {
+            qr[r][h] = load(q.data() + (row0 + r) * W + h * L);
+            gr[r][h] = load(go.data() + (row0 + r) * W + h * L);
+          }
+        for (idx_t j = 0; j < N; ++j) {
+          for (idx_t h = 0; h < HV; ++h) {
+            const vf kk = load(k.data() + j * W + h * L);
+            vf dvj = load(dv.data() + j * W + h * L), dkj = load(dk.data() + j * W + h * L);
+            for (int r = 0; r < RB; ++r) {
+              const float pj = p[r * NP + j], sj = ds[r * NP + j];
+              dvj += pj * gr[r][h];
+              dkj += sj * qr[r][h];
+              dq[r][h] += sj * kk;
+            }
+            store(dv.data() + j * W + h * L, dvj);
+            store(dk.data() + j * W + h * L, dkj);
+          }
+        }
+        for (int r = 0; r < RB && row0 + r < R * N; ++r) {
+          const idx_t row = row0 + r, head = g * R + row / N, i = row % N;
+          float* o = grad_qkv + (b * N + i) * C + head * hd;
+          for (idx_t h = 0; h < HV; ++h) {
+            const idx_t n = std::min<idx_t>(L, hd - h * L);
+            if (n == L) store(o + h * L, dq[r][h]); else store_tail(o + h * L, dq[r][h], n);
+          }
+        }
+      }
+      for (idx_t j = 0; j < N; ++j) {
+        float* row = grad_qkv + (b * N + j) * C;
+        std::memcpy(row + (H + g) * hd, dk.data() + j * W, hd * sizeof(float));
+        std::memcpy(row + (H + G + g) * hd, dv.data() + j * W, hd * sizeof(float));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int max_head_dim() { return kMaxHeadVectors * L; }
+
+// Padded probability shape of attention_forward: (rows M, keys NP) per (sample, group).
+void attention_probs_shape(idx_t N, idx_t H, idx_t G, idx_t* rows, idx_t* keys) {
+  *rows = round_up(H / G * N, RB);
+  *keys = round_up(N, L);
+}
+
+void attention_forward(const float* qkv, float* out, float* probs, idx_t B, idx_t N, idx_t H,
+                       idx_t G, idx_t hd, int threads) {
+  if (hd <= L) return attention_forward_impl<1>(qkv, out, probs, B, N, H, G, hd, threads);
+  if (hd <= 2 * L) return attention_forward_impl<2>(qkv, out, probs, B, N, H, G, hd, threads);
+  attention_forward_impl<0>(qkv, out, probs, B, N, H, G, hd, threads);
+}
+
+void attention_backward(const float* qkv, const float* probs, const float* grad_out,
+                        float* grad_qkv, idx_t B, idx_t N, idx_t H, idx_t G, idx_t hd,
+                        int threads) {
+  if (hd <= L)
+    return attention_backward_impl<1>(qkv, probs, grad_out, grad_qkv, B, N, H, G, hd, threads);
+  if (hd <= 2 * L)
+    return attention_backward_impl<2>(qkv, probs, grad_out, grad_qkv, B, N, H, G, hd, threads);
+  attention_backward_impl<0>(qkv, probs, grad_out, grad_qkv, B, N, H, G, hd, threads);
+}
+
+// hidden (T, dh) = V x * sum_j gates_j silu(W_{idx_j} x)
+void expert_mix_forward(const float* pre, const int64_t* idx, const float* gates, float* hidden,
+                        idx_t T, idx_t E, idx_t K, idx_t dh, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (idx_t t = 0; t < T; ++t) {
+    const float* row = pre + t * (E + 1) * dh;
+    for (idx_t d0 = 0; d0 < dh; d0 += L) {
+      const idx_t n = std::min<idx_t>(L, dh - d0);
+      auto ld = [n](const float* p) { return n == L ? load(p) : load_tail(p, n); };
+      vf mixed = {};
+      for (idx_t j = 0; j < K; ++j) {
+        const vf w = ld(row + idx[t * K + j] * dh + d0);
+        mixed += gates[t * K + j] * w * vsigmoid(w);
+      }
+      const vf h = mixed * ld(row + E * dh + d0);
+      if (n == L) store(hidden + t * dh + d0, h); else store_tail(hidden + t * dh + d0, h, n);
+    }
+  }
+}
+
+// Gradients of expert_mix_forward: grad_pre (T, E + 1, dh), zero for the experts a token was
+// not routed to, and grad_gates (T, K). A token's K experts must be distinct.
+void expert_mix_backward(const float* grad_hidden, const float* pre, const int64_t* idx,
+                         const float* gates, float* grad_pre, float* grad_gates, idx_t T,
+                         idx_t E, idx_t K, idx_t dh, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (idx_t t = 0; t < T; ++t) {
+    const float* row = pre + t * (E + 1) * dh;
+    float* grow = grad_pre + t * (E + 1) * dh;
+    std::fill(grow, grow + E * dh, 0.0f);
+    vf grad_gate[8] = {};
+    for (idx_t d0 = 0; d0 < dh; d0 += L) {
+      const idx_t n = std::min<idx_t>(L, dh - d0);
+      auto ld = [n](const float* p) { return n == L ? load(p) : load_tail(p, n); };
+      auto st = [n](float* p, vf v) { if (n == L) store(p, v); else store_tail(p, v, n); };
+      const vf gh = ld(grad_hidden + t * dh + d0);
+      const vf grad_mixed = gh * ld(row + E * dh + d0);
+      vf mixed = {};
+      for (idx_t j = 0; j < K; ++j) {
+        const float g = gates[t * K + j];
+        const idx_t e = idx[t * K + j];
+        const vf w = ld(row + e * dh + d0);
+        const vf sig = vsigmoid(w);
+        const vf act = w * sig;
+        mixed += g * act;
+        grad_gate[j] += grad_mixed * act;
+        st(grow + e * dh + d0, grad_mixed * g * sig * (1.0f + w * (1.0f - sig)));
+      }
+      st(grow + E * dh + d0, gh * mixed);
+    }
+    for (idx_t j = 0; j < K; ++j) grad_gates[t * K + j] = hsum(grad_gate[j]);
+  }
+}
+
+// Inverted dropout with a counter-based random stream: element i is kept when
+// hash(seed, i) >= threshold (a 32-bit hash, so the drop probability is threshold / 2^32) and
+// scaled by `scale`; dropped elements are zero. The same (seed, threshold) gives the same mask,
+// so the backward pass recomputes it instead of storing it.
+void dropout(const float* x, float* y, idx_t n, uint64_t seed, uint32_t threshold, float scale,
+             int threads) {
+  const uint32_t seed_lo = static_cast<uint32_t>(seed), seed_hi = static_cast<uint32_t>(seed >> 32);
+  vu lane;
+  for (int l = 0; l < L; ++l) lane[l] = l;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (idx_t i0 = 0; i0 < n; i0 += 1024 * L) {
+    const idx_t i1 = std::min<idx_t>(n, i0 + 1024 * L);
+    for (idx_t i = i0; i < i1; i += L) {
+      vu h = (static_cast<uint32_t>(i) + lane) * 0x9E3779B1u + seed_lo;  // Weyl sequence
+      h ^= seed_hi;
+      h ^= h >> 16; h *= 0x7FEB352Du;  // "lowbias32" integer hash
+      h ^= h >> 15; h *= 0x846CA68Bu;
+      h ^= h >> 16;
+      const idx_t m = std::min<idx_t>(L, i1 - i);
+      const vf v = m == L ? load(x + i) : load_tail(x + i, m);
+      const vf out = h >= threshold ? v * scale : vf{};
+      if (m == L) store(y + i, out); else store_tail(y + i, out, m);
+    }
+  }
+}
+
+// LayerNorm over the last dim C of x (T, C): y = (x - mean) * rstd * weight + bias. Tokens are
+// processed 16 at a time; y_t (C, T), when given, receives y transposed (weight gradients of
+// the linear layers that read y need it).
+void layer_norm_forward(const float* x, const float* weight, const float* bias, float* y,
+                        float* y_t, float* mean, float* rstd, idx_t T, idx_t C, float eps,
+                        int threads) {
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> block(L * C);
+#pragma omp for schedule(static)
+    for (idx_t t0 = 0; t0 < T; t0 += L) {
+      const idx_t rows = std::min<idx_t>(L, T - t0);
+      for (idx_t r = 0; r < rows; ++r) {
+        const idx_t t = t0 + r;
+        const float* xr = x + t * C;
+        float sum = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (idx_t c = 0; c < C; ++c) sum += xr[c];
+        const float mu = sum / C;
+#pragma omp simd reduction(+ : sq)
+        for (idx_t c = 0; c < C; ++c) sq += (xr[c] - mu) * (xr[c] - mu);
+        const float rs = 1.0f / std::sqrt(sq / C + eps);
+        mean[t] = mu;
+        rstd[t] = rs;
+        float* yr = y + t * C;
+#pragma omp simd
+        for (idx_t c = 0; c < C; ++c) yr[c] = (xr[c] - mu) * rs * weight[c] + bias[c];
+      }
+      if (y_t) {  // transpose the 16 rows of y through a (C, 16) tile
+        for (idx_t r = 0; r < rows; ++r)
+          for (idx_t c = 0; c < C; ++c) block[c * L + r] = y[(t0 + r) * C + c];
+        for (idx_t c = 0; c < C; ++c)
+          std::memcpy(y_t + c * T + t0, block.data() + c * L, rows * sizeof(float));
+      }
+    }
+  }
+}
+
+// Gradients of layer_norm_forward. grad_weight and grad_bias (C) are summed over tokens in
+// fixed chunks of 64, then over chunks in order: the result does not depend on the threads.
+void layer_norm_backward(const float* x, const float* mean, const float* rstd,
+                         const float* weight, const float* grad_y, float* grad_x,
+                         float* grad_weight, float* grad_bias, idx_t T, idx_t C, int threads) {
+  constexpr idx_t chunk = 64;
+  const idx_t chunks = (T + chunk - 1) / chunk;
+  std::vector<float> partial(chunks * 2 * C, 0.0f);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (idx_t k = 0; k < chunks; ++k) {
+    float* pw = partial.data() + k * 2 * C;
+    float* pb = pw + C;
+    for (idx_t t = k * chunk; t < std::min(T, (k + 1) * chunk); ++t) {
+      const float* xr = x + t * C;
+      const float* gy = grad_y + t * C;
+      const float mu = mean[t], rs = rstd[t];
+      float sum_g = 0.0f, sum_gx = 0.0f;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+      for (idx_t c = 0; c < C; ++c) {
+        const float xhat = (xr[c] - mu) * rs, g = gy[c] * weight[c];
+        sum_g += g;
+        sum_gx += g * xhat;
+        pw[c] += gy[c] * xhat;
+        pb[c] += gy[c];
+      }
+      const float a = sum_g / C, b = sum_gx / C;
+      float* gx = grad_x + t * C;
+#pragma omp simd
+      for (idx_t c = 0; c < C; ++c) gx[c] = rs * (gy[c] * weight[c] - a - (xr[c] - mu) * rs * b);
+    }
+  }
+  for (idx_t c = 0; c < C; ++c) grad_weight[c] = grad_bias[c] = 0.0f;
+  for (idx_t k = 0; k < chunks; ++k)
+    for (idx_t c = 0; c < C; ++c) {
+      grad_weight[c] += partial[k * 2 * C + c];
+      grad_bias[c] += partial[k * 2 * C + C + c];
+    }
+}
+
+}  // extern "C"

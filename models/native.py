@@ -1,0 +1,255 @@
+"""Native CPU kernels of the fast path: grouped attention and expert mixing, fused.
+
+At this model's sizes (head dim 16-18, 30 to 105 tokens, expert widths of 27-144) a training
+step on CPU spends much of its time outside the matrix products: in PyTorch's batched matmul
+for tiny matrices, in softmax, and in a dozen element-wise passes per MoE layer. The kernels
+in ``csrc/cpu_kernels.cpp`` do each of these in one pass over data that stays in cache:
+
+* :func:`attention_forward` / :func:`attention_backward`: softmax attention for every
+  (sample, k/v group) pair, reading q, k and v straight from the fused projection output and
+  writing the gradient of that output, so no permuted copies are made;
+* :func:`expert_mix_forward` / :func:`expert_mix_backward`: ``V x * sum_j g_j silu(W_j x)``
+  and its gradients (see :mod:`models.fast_moe`);
+* :func:`layer_norm_forward` / :func:`layer_norm_backward`: LayerNorm in one pass, optionally
+  also writing its output transposed (the weight gradients of the next linear layers need
+  that layout; oneDNN would otherwise copy it);
+* :func:`dropout`: inverted dropout whose mask is a hash of (seed, element index), so the
+  backward pass recomputes it and no random numbers or masks are stored;
+
+The source is compiled on first use with the system C++ compiler (``g++ -O3 -march=native
+-fopenmp``, about a second) into ``$MOE_MAE_CACHE`` (default ``~/.cache/moe_mae``), under a
+name that hashes the source, the compiler and the CPU, and is loaded with ctypes. OpenMP
+comes from the runtime PyTorch already loaded, so both share one thread pool; kernels use
+``torch.get_num_threads()`` threads. Results are deterministic for any thread count.
+
+When the kernels cannot be used (no compiler, a failed build, ``MOE_MAE_NATIVE=0``, or
+:func:`models.fast_ops.use_backend` set to ``torch``) the fast path runs on PyTorch ops
+instead, with the same results to fp32 rounding. :func:`status` says which.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "attention_forward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int],
+    "attention_backward": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int],
+    "expert_mix_forward": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int],
+    "expert_mix_backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int],
+    "dropout": [_ptr, _ptr, _i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, _int],
+    "layer_norm_forward": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float,
+                           _int],
+    "layer_norm_backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _int],
+    "attention_probs_shape": [_i64, _i64, _i64, ctypes.POINTER(_i64), ctypes.POINTER(_i64)],
+    "max_head_dim": [],
+}
+MAX_TOP_K = 8  # expert_mix_backward keeps one accumulator per routed expert
+MAX_HEAD_DIM = 128  # attention keeps a query row in registers
+_unavailable_reason: Optional[str] = None
+_enabled = True
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MOE_MAE_CACHE", Path.home() / ".cache" / "moe_mae"))
+
+
+def _cpu_signature() -> str:
+    """The CPU's model and flags: ``-march=native`` code is only valid on the same CPU."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({line for line in lines
+                                 if line.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             check=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *COMPILE_FLAGS,
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", tmp],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE}: "
+                               f"{result.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, target)  # atomic: concurrent builds (DDP ranks) are harmless
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, building them if needed; None (with one warning) if impossible."""
+    global _unavailable_reason
+    if os.environ.get("MOE_MAE_NATIVE", "1") == "0":
+        _unavailable_reason = "disabled by MOE_MAE_NATIVE=0"
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        _unavailable_reason = "no C++ compiler found (set CXX)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        _unavailable_reason = f"build failed: {error}"
+        warnings.warn(f"native CPU kernels unavailable, using PyTorch ops: {error}")
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+    lib.max_head_dim.restype = ctypes.c_int
+    if lib.max_head_dim() != MAX_HEAD_DIM:
+        _unavailable_reason = f"{SOURCE.name} and {__name__} disagree on MAX_HEAD_DIM"
+        return None
+    return lib
+
+
+def is_enabled() -> bool:
+    """Whether the fast path may use the kernels (see :func:`enabled`)."""
+    return _enabled
+
+
+@contextlib.contextmanager
+def enabled(flag: bool):
+    """Within the block, the fast path uses the native kernels (True, the default where they
+    build) or PyTorch ops only (False), e.g. to compare the two."""
+    global _enabled
+    previous, _enabled = _enabled, flag
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def status() -> str:
+    """One line: whether the native kernels are in use, and why not."""
+    lib = library()
+    return "native CPU kernels: in use" if lib else f"native CPU kernels: off ({_unavailable_reason})"
+
+
+def _p(tensor: torch.Tensor) -> int:
+    return tensor.data_ptr()
+
+
+def attention_forward(qkv: torch.Tensor, num_heads: int, num_groups: int,
+                      save_probs: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """qkv (B, N, (H + 2G) hd), group-major query heads already scaled ->
+    (out (B, N, H hd), the softmax probabilities for :func:`attention_backward` (padded,
+    one (rows, keys) block per sample and group) or None)."""
+    qkv = qkv.contiguous()
+    B, N, C = qkv.shape
+    hd = C // (num_heads + 2 * num_groups)
+    out = qkv.new_empty(B, N, num_heads * hd)
+    probs = None
+    if save_probs:
+        rows, keys = _i64(), _i64()
+        library().attention_probs_shape(N, num_heads, num_groups, rows, keys)
+        probs = qkv.new_empty(B * num_groups, rows.value, keys.value)
+    library().attention_forward(_p(qkv), _p(out), _p(probs) if save_probs else None, B, N,
+                                num_heads, num_groups, hd, torch.get_num_threads())
+    return out, probs
+
+
+def attention_backward(qkv: torch.Tensor, probs: torch.Tensor, grad_out: torch.Tensor,
+                       num_heads: int, num_groups: int) -> torch.Tensor:
+    """Gradient with respect to ``qkv`` (B, N, (H + 2G) hd) of :func:`attention_forward`."""
+    grad_out = grad_out.contiguous()
+    B, N, C = qkv.shape
+    grad_qkv = qkv.new_empty(B, N, C)
+    library().attention_backward(_p(qkv), _p(probs), _p(grad_out), _p(grad_qkv), B, N,
+                                 num_heads, num_groups, C // (num_heads + 2 * num_groups),
+                                 torch.get_num_threads())
+    return grad_qkv
+
+
+def expert_mix_forward(pre: torch.Tensor, topk_idx: torch.Tensor,
+                       gates: torch.Tensor) -> torch.Tensor:
+    """pre (T, E + 1, dh), topk_idx and gates (T, k) -> hidden (T, dh)."""
+    T, E1, dh = pre.shape
+    idx, gates = topk_idx.contiguous(), gates.contiguous()
+    hidden = pre.new_empty(T, dh)
+    library().expert_mix_forward(_p(pre), _p(idx), _p(gates), _p(hidden), T, E1 - 1,
+                                 idx.shape[1], dh, torch.get_num_threads())
+    return hidden
+
+
+def expert_mix_backward(grad_hidden: torch.Tensor, pre: torch.Tensor, topk_idx: torch.Tensor,
+                        gates: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`expert_mix_forward`: (grad_pre (T, E + 1, dh), grad_gates (T, k))."""
+    T, E1, dh = pre.shape
+    grad_hidden, idx, gates = grad_hidden.contiguous(), topk_idx.contiguous(), gates.contiguous()
+    grad_pre, grad_gates = torch.empty_like(pre), torch.empty_like(gates)
+    library().expert_mix_backward(_p(grad_hidden), _p(pre), _p(idx), _p(gates), _p(grad_pre),
+                                  _p(grad_gates), T, E1 - 1, idx.shape[1], dh,
+                                  torch.get_num_threads())
+    return grad_pre, grad_gates
+
+
+
+def dropout_threshold(p: float) -> Tuple[int, float]:
+    """(32-bit drop threshold, scale of kept elements) for drop probability ``p``: elements
+    are dropped with probability ``threshold / 2**32`` (``p`` to within 2**-32)."""
+    threshold = min(round(p * 2 ** 32), 2 ** 32 - 1)
+    return threshold, 2 ** 32 / (2 ** 32 - threshold)
+
+
+def dropout(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """``x`` with the elements of the (seed, p) mask zeroed and the others scaled by
+    1 / (1 - p); the same seed gives the same mask (the backward pass relies on it)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    threshold, scale = dropout_threshold(p)
+    library().dropout(_p(x), _p(out), x.numel(), seed, threshold, scale, torch.get_num_threads())
+    return out
+
+
+def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                       transposed: bool):
+    """x (T, C) -> (y (T, C), y transposed (C, T) or None, mean (T,), rstd (T,))."""
+    x = x.contiguous()
+    T, C = x.shape
+    y = torch.empty_like(x)
+    y_t = x.new_empty(C, T) if transposed else None
+    mean, rstd = x.new_empty(T), x.new_empty(T)
+    library().layer_norm_forward(_p(x), _p(weight), _p(bias), _p(y),
+                                 _p(y_t) if transposed else None, _p(mean), _p(rstd), T, C,
+                                 eps, torch.get_num_threads())
+    return y, y_t, mean, rstd
+
+
+def layer_norm_backward(x, mean, rstd, weight, grad_y):
+    """Gradients of :func:`layer_norm_forward`: (grad_x (T, C), grad_weight, grad_bias (C,))."""
+    grad_y = grad_y.contiguous()
+    T, C = x.shape
+    grad_x = torch.empty_like(x)
+    grad_weight, grad_bias = weight.new_empty(C), weight.new_empty(C)
+    library().layer_norm_backward(_p(x), _p(mean), _p(rstd), _p(weight), _p(grad_y),
+                                  _p(grad_x), _p(grad_weight), _p(grad_bias), T, C,
+                                  torch.get_num_threads())
+    return grad_x, grad_weight, grad_bias

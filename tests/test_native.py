@@ -1,0 +1,215 @@
+"""Native CPU kernels (models/native.py): gradients and outputs agree with PyTorch to fp32
+rounding, results do not depend on the thread count, the build falls back cleanly, and the
+model gives the same results with and without the kernels."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import fast_ops, native
+from models.moe_mae import (GroupedQueryAttention, build_mae, grouped_attention_cpu,
+                            use_reference_impl)
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_native = pytest.mark.skipif(native.library() is None, reason=native.status())
+
+
+def reference_attention(qkv, heads, groups):
+    """The PyTorch path on the same fused layout (float64 for a precise reference)."""
+    hd = qkv.shape[-1] // (heads + 2 * groups)
+    q, k, v = qkv.split([heads * hd, groups * hd, groups * hd], dim=-1)
+    return grouped_attention_cpu(q, k, v, heads, groups)
+
+
+def reference_mix(pre, topk_idx, gates):
+    experts = pre.shape[1] - 1
+    selected = pre[:, :experts].gather(1, topk_idx.unsqueeze(-1).expand(-1, -1, pre.shape[2]))
+    return (F.silu(selected) * gates.unsqueeze(-1)).sum(1) * pre[:, experts]
+
+
+# (batch, tokens, heads, groups, head dim): the model's shapes, and odd ones that exercise
+# padding (tokens not a multiple of 16, rows not a multiple of 4) and the generic head dim
+ATTENTION_SHAPES = [(3, 30, 8, 4, 18), (2, 105, 6, 3, 18), (2, 17, 8, 4, 16), (2, 7, 3, 1, 40),
+                    (1, 1, 2, 2, 5)]
+
+
+@needs_native
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_attention_matches_pytorch_with_gradients(shape):
+    B, N, H, G, hd = shape
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, N, (H + 2 * G) * hd, generator=g, dtype=torch.float64) * 0.5
+    qkv.requires_grad_(True)
+    grad_out = torch.randn(B, N, H * hd, generator=g, dtype=torch.float64)
+    want = reference_attention(qkv, H, G)
+    (want_grad,) = torch.autograd.grad(want, qkv, grad_out)
+
+    out, probs = native.attention_forward(qkv.detach().float(), H, G, save_probs=True)
+    grad = native.attention_backward(qkv.detach().float(), probs, grad_out.float(), H, G)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=0, atol=1e-5)
+    unsaved, none = native.attention_forward(qkv.detach().float(), H, G, save_probs=False)
+    assert none is None and torch.equal(unsaved, out)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(50, 3, 2, 54), (40, 5, 2, 118), (9, 4, 3, 7)])
+def test_expert_mixing_matches_pytorch_with_gradients(shape):
+    T, E, k, dh = shape
+    g = torch.Generator().manual_seed(1)
+    pre = torch.randn(T, E + 1, dh, generator=g, dtype=torch.float64).requires_grad_(True)
+    topk_idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    gates = torch.rand(T, k, generator=g, dtype=torch.float64).requires_grad_(True)
+    grad_hidden = torch.randn(T, dh, generator=g, dtype=torch.float64)
+    want = reference_mix(pre, topk_idx, gates)
+    want_pre, want_gates = torch.autograd.grad(want, (pre, gates), grad_hidden)
+
+    hidden = native.expert_mix_forward(pre.detach().float(), topk_idx, gates.detach().float())
+    grad_pre, grad_gates = native.expert_mix_backward(grad_hidden.float(), pre.detach().float(),
+                                                      topk_idx, gates.detach().float())
+    # fp32 rounding of values up to ~10
+    torch.testing.assert_close(hidden.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_pre.double(), want_pre, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_gates.double(), want_gates, rtol=1e-6, atol=1e-5)
+
+
+@needs_native
+def test_kernels_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(6, 105, 12 * 18, generator=g)
+    grad_out = torch.randn(6, 105, 6 * 18, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    for n in (1, 3):
+        torch.set_num_threads(n)
+        try:
+            out, probs = native.attention_forward(qkv, 6, 3, save_probs=True)
+            results.append((out, native.attention_backward(qkv, probs, grad_out, 6, 3)))
+        finally:
+            torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@needs_native
+def test_training_step_is_the_same_with_and_without_native_kernels():
+    """Same routing (eval: no gate noise, no dropout), so the two paths compute the same
+    function; losses and gradients agree to fp32 rounding."""
+    torch.manual_seed(0)
+    mae = build_mae("XXS").eval()
+    g = torch.Generator().manual_seed(3)
+    imgs, meta = torch.randn(4, 7, 40, 40, generator=g), [torch.randn(4, 2, generator=g)
+                                                          for _ in range(4)]
+    noise = torch.rand(4, 100, generator=g)
+
+    def run(use_native):
+        mae.zero_grad()
+        with native.enabled(use_native):
+            pred, mask, _, moe_loss = mae(imgs, *meta, noise=noise)
+            loss_masked, loss_unmasked = mae.reconstruction_losses(imgs, pred, mask)
+            (loss_masked + 0.1 * loss_unmasked + 0.5 * moe_loss).backward()
+            tokens = mae.encoder.forward_features(imgs, *meta)
+        return pred, tokens, {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                              for n, p in mae.named_parameters()}
+
+    (pred, tokens, grads), (ref_pred, ref_tokens, ref_grads) = run(True), run(False)
+    assert (pred - ref_pred).abs().max() <= 1e-5
+    assert (tokens - ref_tokens).abs().max() <= 1e-5
+    scale = max(g.abs().max() for g in ref_grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, **env})
+
+
+def test_kernels_can_be_switched_off_and_the_model_still_runs():
+    code = ("import torch; from models import native; from models.moe_mae import build_mae;"
+            "m = build_mae('XXS'); y = m(torch.randn(2, 7, 40, 40))[0]; y.sum().backward();"
+            "print(native.status())")
+    result = run_python(code, MOE_MAE_NATIVE="0")
+    assert result.returncode == 0, result.stderr
+    assert "off (disabled by MOE_MAE_NATIVE=0)" in result.stdout
+
+
+@needs_native
+def test_build_goes_to_the_cache_folder(tmp_path):
+    result = run_python("from models import native; print(native.status())",
+                        MOE_MAE_CACHE=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "in use" in result.stdout
+    built = list(tmp_path.glob("cpu_kernels-*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob("*.so.tmp*"))
+
+
+def test_a_failing_compiler_falls_back_with_a_warning(tmp_path):
+    result = run_python("import warnings; warnings.simplefilter('always');"
+                        "from models import native; print(native.status())",
+                        MOE_MAE_CACHE=str(tmp_path), CXX="false")
+    assert result.returncode == 0, result.stderr
+    assert "off (build failed" in result.stdout
+    assert "native CPU kernels unavailable" in result.stderr
+
+
+@needs_native
+@pytest.mark.parametrize("tokens,channels", [(1920, 144), (37, 108), (5, 3)])
+def test_layer_norm_matches_pytorch_and_writes_the_transpose(tokens, channels):
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(tokens, channels, generator=g, dtype=torch.float64) * 3 + 1)
+    weight = torch.randn(channels, generator=g, dtype=torch.float64)
+    bias = torch.randn(channels, generator=g, dtype=torch.float64)
+    grad_y = torch.randn(tokens, channels, generator=g, dtype=torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+    want = F.layer_norm(leaves[0], (channels,), leaves[1], leaves[2], 1e-5)
+    want_grads = torch.autograd.grad(want, leaves, grad_y)
+
+    x32, w32, b32 = x.float(), weight.float(), bias.float()
+    y, y_t, mean, rstd = native.layer_norm_forward(x32, w32, b32, 1e-5, transposed=True)
+    grads = native.layer_norm_backward(x32, mean, rstd, w32, grad_y.float())
+    assert torch.equal(y_t, y.t())
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(grads, want_grads):  # weight/bias gradients sum over tokens
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * tokens ** 0.5)
+    assert native.layer_norm_forward(x32, w32, b32, 1e-5, transposed=False)[1] is None
+
+
+@needs_native
+def test_layer_norm_gradients_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(5)
+    x, grad_y = torch.randn(1000, 144, generator=g), torch.randn(1000, 144, generator=g)
+    weight, bias = torch.randn(144, generator=g), torch.randn(144, generator=g)
+    threads, results = torch.get_num_threads(), []
+    for n in (1, 3):
+        torch.set_num_threads(n)
+        try:
+            _, _, mean, rstd = native.layer_norm_forward(x, weight, bias, 1e-5, True)
+            results.append(native.layer_norm_backward(x, mean, rstd, weight, grad_y))
+        finally:
+            torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_weight_gradient_with_a_given_transpose_is_the_same():
+    g = torch.Generator().manual_seed(6)
+    grad_y, x = torch.randn(300, 40, generator=g), torch.randn(300, 24, generator=g)
+    want = grad_y.t() @ x
+    torch.testing.assert_close(fast_ops.matmul_tn(grad_y, x), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fast_ops.matmul_tn(grad_y, x, x.t().contiguous()), want,
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_attention_beyond_the_native_head_dim_falls_back():
+    torch.manual_seed(7)
+    attention = GroupedQueryAttention(2 * (native.MAX_HEAD_DIM + 2), num_heads=2, num_groups=1)
+    x = torch.randn(2, 9, attention.dim)
+    with torch.no_grad():
+        fast = attention(x)
+        with use_reference_impl(attention):
+            reference = attention(x)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
