@@ -86,11 +86,32 @@ class Routing(NamedTuple):
     clean_logits: torch.Tensor  # (T, E) Wg x
     noisy_logits: torch.Tensor  # (T, E) Wg x + eps * noise_scale (== clean in eval)
     noise_scale: Optional[torch.Tensor]  # (T, E) softplus(Wnoise x); None if not needed
+    # (importance (E,), load (E,)) when the gate computed them (native kernel), else None
+    balance: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
     def dense_gates(self) -> torch.Tensor:
         """(T, E) gate values, zero outside each token's top k."""
         gates = self.clean_logits.new_zeros(self.clean_logits.shape)
         return gates.scatter(1, self.topk_idx, self.topk_gates)
+
+
+class _NativeGate(torch.autograd.Function):
+    """The gate and its balancing statistics in one native kernel (:func:`native.gate_forward`);
+    routing indices, noisy logits and noise scales are outputs without gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, eps, k):
+        topk_idx, gates, noisy, scale, importance, load = native.gate_forward(logits, eps, k)
+        ctx.save_for_backward(logits, eps, gates)
+        ctx.mark_non_differentiable(topk_idx, noisy, scale)
+        ctx.set_materialize_grads(False)
+        return topk_idx, gates, noisy, scale, importance, load
+
+    @staticmethod
+    def backward(ctx, _, grad_gates, _noisy, _scale, grad_importance, grad_load):
+        logits, eps, gates = ctx.saved_tensors
+        return native.gate_backward(logits, eps, gates, grad_gates, grad_importance,
+                                    grad_load), None, None
 
 
 class NoisyTopKGate(nn.Module):
@@ -120,9 +141,16 @@ class NoisyTopKGate(nn.Module):
             topk_vals, topk_idx = clean.topk(self.k, dim=-1)
             return Routing(topk_idx, topk_vals.softmax(dim=-1), clean, clean, None)
         else:
-            clean, noise_logits = linear(
-                x, torch.cat([self.Wg.weight, self.Wnoise.weight]),
-                torch.cat([self.Wg.bias, self.Wnoise.bias])).chunk(2, dim=-1)
+            logits = linear(x, torch.cat([self.Wg.weight, self.Wnoise.weight]),
+                            torch.cat([self.Wg.bias, self.Wnoise.bias]))
+            E = self.Wg.out_features
+            if E <= native.MAX_EXPERTS and fast_ops.native_usable(logits):
+                eps = torch.randn(x.shape[0], E, dtype=x.dtype) if self.training else None
+                topk_idx, gates, noisy, noise_scale, importance, load = _NativeGate.apply(
+                    logits, eps, self.k)
+                return Routing(topk_idx, gates, logits[:, :E], noisy, noise_scale,
+                               (importance, load))
+            clean, noise_logits = logits.chunk(2, dim=-1)
         noise_scale = F.softplus(noise_logits)
         noisy = clean + torch.randn_like(clean) * noise_scale if self.training else clean
         topk_vals, topk_idx = noisy.topk(self.k, dim=-1)
@@ -149,6 +177,10 @@ def load_balancing_loss(routing: Routing, w_importance: float = 1e-2,
     (instead of the k-th). Checkpoints are unaffected; the balancing loss, and so training,
     differ slightly.
     """
+    if routing.balance is not None:  # computed by the gate's native kernel
+        importance, load = routing.balance
+        return w_importance * coefficient_of_variation(importance) + \
+            w_load * coefficient_of_variation(load)
     noisy, k = routing.noisy_logits, routing.topk_idx.shape[1]
     top_vals = noisy.topk(k + 1, dim=-1).values
     kth, kth_plus_1 = top_vals[:, k - 1:k], top_vals[:, k:k + 1]

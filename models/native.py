@@ -10,6 +10,8 @@ in ``csrc/cpu_kernels.cpp`` do each of these in one pass over data that stays in
   writing the gradient of that output, so no permuted copies are made;
 * :func:`expert_mix_forward` / :func:`expert_mix_backward`: ``V x * sum_j g_j silu(W_j x)``
   and its gradients (see :mod:`models.fast_moe`);
+* :func:`gate_forward` / :func:`gate_backward`: the noisy top-k gate and its load-balancing
+  statistics (importance and Shazeer's smooth load) for one layer in one pass;
 * :func:`layer_norm_forward` / :func:`layer_norm_backward`: LayerNorm in one pass, optionally
   also writing its output transposed (the weight gradients of the next linear layers need
   that layout; oneDNN would otherwise copy it);
@@ -57,11 +59,15 @@ _SIGNATURES = {
     "layer_norm_forward": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float,
                            _int],
     "layer_norm_backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _int],
+    "gate_forward": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
+    "gate_backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int],
+    "max_experts": [],
     "attention_probs_shape": [_i64, _i64, _i64, ctypes.POINTER(_i64), ctypes.POINTER(_i64)],
     "max_head_dim": [],
 }
 MAX_TOP_K = 8  # expert_mix_backward keeps one accumulator per routed expert
 MAX_HEAD_DIM = 128  # attention keeps a query row in registers
+MAX_EXPERTS = 8  # the gate keeps a token's logits in registers
 _unavailable_reason: Optional[str] = None
 _enabled = True
 
@@ -123,9 +129,9 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
-    lib.max_head_dim.restype = ctypes.c_int
-    if lib.max_head_dim() != MAX_HEAD_DIM:
-        _unavailable_reason = f"{SOURCE.name} and {__name__} disagree on MAX_HEAD_DIM"
+    lib.max_head_dim.restype = lib.max_experts.restype = ctypes.c_int
+    if (lib.max_head_dim(), lib.max_experts()) != (MAX_HEAD_DIM, MAX_EXPERTS):
+        _unavailable_reason = f"{SOURCE.name} and {__name__} disagree on the limits"
         return None
     return lib
 
@@ -253,3 +259,33 @@ def layer_norm_backward(x, mean, rstd, weight, grad_y):
                                   _p(grad_x), _p(grad_weight), _p(grad_bias), T, C,
                                   torch.get_num_threads())
     return grad_x, grad_weight, grad_bias
+
+
+def _p_or_none(tensor: Optional[torch.Tensor]):
+    return None if tensor is None else tensor.data_ptr()
+
+
+def gate_forward(logits: torch.Tensor, eps: Optional[torch.Tensor], k: int):
+    """logits (T, 2E) = [Wg x, Wnoise x], eps (T, E) or None (no noise) -> (topk_idx (T, k),
+    topk_gates (T, k), noisy (T, E), noise_scale (T, E), importance (E,), load (E,)); see
+    :func:`models.moe_mae.load_balancing_loss` for the definitions."""
+    logits = logits.contiguous()
+    eps = None if eps is None else eps.contiguous()
+    T, E = logits.shape[0], logits.shape[1] // 2
+    topk_idx = torch.empty(T, k, dtype=torch.int64)
+    topk_gates, noisy, scale = logits.new_empty(T, k), logits.new_empty(T, E), logits.new_empty(T, E)
+    importance, load = logits.new_empty(E), logits.new_empty(E)
+    library().gate_forward(_p(logits), _p_or_none(eps), _p(topk_idx), _p(topk_gates), _p(noisy),
+                           _p(scale), _p(importance), _p(load), T, E, k, torch.get_num_threads())
+    return topk_idx, topk_gates, noisy, scale, importance, load
+
+
+def gate_backward(logits, eps, topk_gates, grad_gates, grad_importance, grad_load):
+    """Gradient with respect to logits (T, 2E) of :func:`gate_forward`'s differentiable outputs
+    (topk_gates, importance, load); missing gradients are None."""
+    T, k = topk_gates.shape
+    grad_logits = torch.empty_like(logits)
+    grads = [None if g is None else g.contiguous() for g in (grad_gates, grad_importance, grad_load)]
+    library().gate_backward(_p(logits), _p_or_none(eps), _p(topk_gates), *map(_p_or_none, grads),
+                            _p(grad_logits), T, logits.shape[1] // 2, k, torch.get_num_threads())
+    return grad_logits

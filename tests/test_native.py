@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from models import fast_ops, native
-from models.moe_mae import (GroupedQueryAttention, build_mae, grouped_attention_cpu,
-                            use_reference_impl)
+from models.moe_mae import (GroupedQueryAttention, NoisyTopKGate, build_mae,
+                            grouped_attention_cpu, load_balancing_loss, use_reference_impl)
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_native = pytest.mark.skipif(native.library() is None, reason=native.status())
@@ -213,3 +213,34 @@ def test_attention_beyond_the_native_head_dim_falls_back():
         with use_reference_impl(attention):
             reference = attention(x)
     torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("num_experts,k", [(3, 2), (5, 2), (4, 1), (8, 3)])
+def test_gate_and_balancing_loss_match_pytorch_with_gradients(training, num_experts, k):
+    """Same noise draws in both paths: routing, gates, the load-balancing loss and the
+    gradients of the gate's parameters and input agree to fp32 rounding."""
+    torch.manual_seed(8)
+    gate = NoisyTopKGate(24, num_experts, k).train(training)
+    x = torch.randn(300, 24) * 2
+    grad_gates = torch.randn(300, k)
+
+    def run(use_native):
+        torch.manual_seed(9)
+        gate.zero_grad()
+        x_leaf = x.clone().requires_grad_(True)
+        with native.enabled(use_native):
+            routing = gate(x_leaf)
+            assert (routing.balance is not None) == use_native
+            loss = load_balancing_loss(routing, 0.3, 0.7)
+            (loss + (routing.topk_gates * grad_gates).sum()).backward()
+        return routing, loss, [x_leaf.grad] + [p.grad for p in gate.parameters()]
+
+    (routing, loss, grads), (ref, ref_loss, ref_grads) = run(True), run(False)
+    assert torch.equal(routing.topk_idx, ref.topk_idx)
+    for got, want in [(routing.topk_gates, ref.topk_gates), (routing.noisy_logits, ref.noisy_logits),
+                      (routing.noise_scale, ref.noise_scale), (loss, ref_loss)]:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -61,6 +61,24 @@ inline float hmax(vf v) {
   }
   return v[0];
 }
+// Transposes a 16 x 16 tile held as 16 row vectors, in four rounds of two-input shuffles:
+// round w swaps element (r, c) with (r ^ w, c ^ w) where bit w of r and of c differ.
+inline void transpose_tile(vf rows[L]) {
+  for (int w = 1; w < L; w *= 2) {
+    vi low, high;
+    for (int l = 0; l < L; ++l) {
+      low[l] = (l & w) ? L + l - w : l;
+      high[l] = (l & w) ? L + l : l + w;
+    }
+    for (int i = 0; i < L; ++i) {
+      if (i & w) continue;
+      const vf a = rows[i], b = rows[i + w];
+      rows[i] = __builtin_shuffle(a, b, low);
+      rows[i + w] = __builtin_shuffle(a, b, high);
+    }
+  }
+}
+
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
 // exp(x) with relative error ~2e-7 for x in [-87, 88] (clamped outside).
@@ -383,7 +401,6 @@ void layer_norm_forward(const float* x, const float* weight, const float* bias, 
                         int threads) {
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> block(L * C);
 #pragma omp for schedule(static)
     for (idx_t t0 = 0; t0 < T; t0 += L) {
       const idx_t rows = std::min<idx_t>(L, T - t0);
@@ -403,11 +420,20 @@ void layer_norm_forward(const float* x, const float* weight, const float* bias, 
 #pragma omp simd
         for (idx_t c = 0; c < C; ++c) yr[c] = (xr[c] - mu) * rs * weight[c] + bias[c];
       }
-      if (y_t) {  // transpose the 16 rows of y through a (C, 16) tile
-        for (idx_t r = 0; r < rows; ++r)
-          for (idx_t c = 0; c < C; ++c) block[c * L + r] = y[(t0 + r) * C + c];
-        for (idx_t c = 0; c < C; ++c)
-          std::memcpy(y_t + c * T + t0, block.data() + c * L, rows * sizeof(float));
+      if (y_t) {  // y_t[c, t0:t0 + 16] for 16 columns at a time, through register tiles
+        for (idx_t c0 = 0; c0 < C; c0 += L) {
+          const idx_t cols = std::min<idx_t>(L, C - c0);
+          vf tile[L];
+          for (idx_t r = 0; r < L; ++r) {
+            const float* yr = y + (t0 + r) * C + c0;
+            tile[r] = r >= rows ? vf{} : cols == L ? load(yr) : load_tail(yr, cols);
+          }
+          transpose_tile(tile);
+          for (idx_t c = 0; c < cols; ++c) {
+            if (rows == L) store(y_t + (c0 + c) * T + t0, tile[c]);
+            else store_tail(y_t + (c0 + c) * T + t0, tile[c], rows);
+          }
+        }
       }
     }
   }
@@ -451,5 +477,113 @@ void layer_norm_backward(const float* x, const float* mean, const float* rstd,
       grad_bias[c] += partial[k * 2 * C + C + c];
     }
 }
+
+// Noisy top-k gate (Shazeer et al. 2017) for T tokens and E <= kMaxExperts experts. logits
+// (T, 2E) holds [Wg x, Wnoise x]; eps (T, E) the standard normal noise, or null for none.
+// Writes the routing (topk_idx, topk_gates (T, K): best first, softmax over the K noisy
+// logits), noisy and noise_scale (T, E), and the balancing statistics importance (E) (sum of
+// gates) and load (E) (sum of Phi((clean - threshold) / noise_scale), threshold the K-th largest
+// noisy logit among the other experts), summed in fixed chunks of tokens as in LayerNorm.
+constexpr int kMaxExperts = 8;
+constexpr idx_t kGateChunk = 64;
+
+struct TokenGate {
+  float clean[kMaxExperts], nl[kMaxExperts], scale[kMaxExperts], noisy[kMaxExperts];
+  int order[kMaxExperts];  // experts by decreasing noisy logit (lower index first on ties)
+  int rank[kMaxExperts];
+
+  void compute(const float* logits, const float* eps, idx_t E) {
+    for (idx_t e = 0; e < E; ++e) {
+      clean[e] = logits[e];
+      nl[e] = logits[E + e];
+      scale[e] = nl[e] > 20.0f ? nl[e] : std::log1p(std::exp(nl[e]));  // softplus, as torch
+      noisy[e] = eps ? clean[e] + eps[e] * scale[e] : clean[e];
+      order[e] = static_cast<int>(e);
+    }
+    for (idx_t i = 1; i < E; ++i)
+      for (idx_t j = i; j > 0 && noisy[order[j - 1]] < noisy[order[j]]; --j)
+        std::swap(order[j - 1], order[j]);
+    for (idx_t i = 0; i < E; ++i) rank[order[i]] = static_cast<int>(i);
+  }
+  // the expert whose noisy logit is expert e's threshold
+  int threshold_expert(int e, idx_t K) const { return rank[e] < K ? order[K] : order[K - 1]; }
+  float z(int e, idx_t K) const {
+    return (clean[e] - noisy[threshold_expert(e, K)]) / scale[e];
+  }
+};
+
+void gate_forward(const float* logits, const float* eps, int64_t* topk_idx, float* topk_gates,
+                  float* noisy, float* noise_scale, float* importance, float* load, idx_t T,
+                  idx_t E, idx_t K, int threads) {
+  const idx_t chunks = (T + kGateChunk - 1) / kGateChunk;
+  std::vector<float> partial(chunks * 2 * E, 0.0f);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (idx_t c = 0; c < chunks; ++c) {
+    float* p_importance = partial.data() + c * 2 * E;
+    float* p_load = p_importance + E;
+    for (idx_t t = c * kGateChunk; t < std::min(T, (c + 1) * kGateChunk); ++t) {
+      TokenGate g{};
+      g.compute(logits + t * 2 * E, eps ? eps + t * E : nullptr, E);
+      const float top = g.noisy[g.order[0]];
+      float sum = 0.0f, w[kMaxExperts];
+      for (idx_t j = 0; j < K; ++j) sum += (w[j] = std::exp(g.noisy[g.order[j]] - top));
+      for (idx_t j = 0; j < K; ++j) {
+        topk_idx[t * K + j] = g.order[j];
+        topk_gates[t * K + j] = w[j] / sum;
+        p_importance[g.order[j]] += w[j] / sum;
+      }
+      for (idx_t e = 0; e < E; ++e) {
+        noisy[t * E + e] = g.noisy[e];
+        noise_scale[t * E + e] = g.scale[e];
+        p_load[e] += 0.5f * std::erfc(-g.z(static_cast<int>(e), K) * 0.70710678118654752f);
+      }
+    }
+  }
+  for (idx_t e = 0; e < 2 * E; ++e) {
+    float total = 0.0f;
+    for (idx_t c = 0; c < chunks; ++c) total += partial[c * 2 * E + e];
+    (e < E ? importance[e] : load[e - E]) = total;
+  }
+}
+
+// Gradient of gate_forward with respect to logits (T, 2E), from the gradients of topk_gates
+// (T, K), importance (E) and load (E); any of the three may be null (no gradient).
+void gate_backward(const float* logits, const float* eps, const float* topk_gates,
+                   const float* grad_gates, const float* grad_importance, const float* grad_load,
+                   float* grad_logits, idx_t T, idx_t E, idx_t K, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (idx_t t = 0; t < T; ++t) {
+    TokenGate g{};
+    g.compute(logits + t * 2 * E, eps ? eps + t * E : nullptr, E);
+    float grad_noisy[kMaxExperts] = {}, grad_clean[kMaxExperts] = {}, grad_scale[kMaxExperts] = {};
+    const float* gates = topk_gates + t * K;
+    float grad_g[kMaxExperts], dot = 0.0f;
+    for (idx_t j = 0; j < K; ++j) {
+      grad_g[j] = (grad_gates ? grad_gates[t * K + j] : 0.0f) +
+                  (grad_importance ? grad_importance[g.order[j]] : 0.0f);
+      dot += gates[j] * grad_g[j];
+    }
+    for (idx_t j = 0; j < K; ++j) grad_noisy[g.order[j]] += gates[j] * (grad_g[j] - dot);
+    if (grad_load) {
+      for (int e = 0; e < E; ++e) {
+        const float z = g.z(e, K);
+        const float d = grad_load[e] * std::exp(-0.5f * z * z) * 0.39894228040143268f / g.scale[e];
+        grad_clean[e] += d;
+        grad_noisy[g.threshold_expert(e, K)] -= d;
+        grad_scale[e] -= d * z;
+      }
+    }
+    float* out = grad_logits + t * 2 * E;
+    for (idx_t e = 0; e < E; ++e) {
+      grad_clean[e] += grad_noisy[e];
+      if (eps) grad_scale[e] += grad_noisy[e] * eps[t * E + e];
+      const float softplus_grad = g.nl[e] > 20.0f ? 1.0f : 1.0f / (1.0f + std::exp(-g.nl[e]));
+      out[e] = grad_clean[e];
+      out[E + e] = grad_scale[e] * softplus_grad;
+    }
+  }
+}
+
+int max_experts() { return kMaxExperts; }
 
 }  // extern "C"
