@@ -301,37 +301,40 @@ def grouped_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num
 
 class _NativeGroupedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qkv, num_heads, num_groups):
-        out, probs = native.attention_forward(qkv, num_heads, num_groups, save_probs=True)
+    def forward(ctx, qkv, num_heads, num_groups, scale):
+        out, probs = native.attention_forward(qkv, num_heads, num_groups, scale, save_probs=True)
         ctx.save_for_backward(qkv, probs)
-        ctx.heads = num_heads, num_groups
+        ctx.args = num_heads, num_groups, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         qkv, probs = ctx.saved_tensors
-        return native.attention_backward(qkv, probs, grad_out, *ctx.heads), None, None
+        return native.attention_backward(qkv, probs, grad_out, *ctx.args), None, None, None
 
 
-def native_grouped_attention(qkv: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
-    """Softmax attention with the native kernels (:mod:`models.native`).
+def native_grouped_attention(qkv: torch.Tensor, num_heads: int, num_groups: int,
+                             scale: float) -> torch.Tensor:
+    """Softmax attention of ``scale * q.k`` with the native kernels (:mod:`models.native`).
 
-    qkv (B, N, (H + 2G) hd): the fused projection output, query heads group-major and already
-    scaled, then the G key heads, then the G value heads. Returns (B, N, H hd).
+    qkv (B, N, (H + 2G) hd): the fused projection output, H query heads in the published order
+    (head h uses k/v group h % G), then the G key heads, then the G value heads.
+    Returns (B, N, H hd), heads in the same order.
     """
     if torch.is_grad_enabled() and qkv.requires_grad:
-        return _NativeGroupedAttention.apply(qkv, num_heads, num_groups)
-    return native.attention_forward(qkv, num_heads, num_groups, save_probs=False)[0]
+        return _NativeGroupedAttention.apply(qkv, num_heads, num_groups, scale)
+    return native.attention_forward(qkv, num_heads, num_groups, scale, save_probs=False)[0]
 
 
 class GroupedQueryAttention(nn.Module):
     """Grouped-query attention: ``num_heads`` query heads share ``num_groups`` k/v heads.
 
     Query head h uses k/v group ``h % num_groups`` (the published code repeats k/v with
-    ``unsqueeze(2).repeat``, which interleaves groups). The fast path orders heads group-major
-    (head j uses group ``j // (num_heads // num_groups)``, as SDPA's ``enable_gqa`` does), so it
-    reorders the rows of ``q_proj`` and the matching input columns of ``out_proj``. It runs
-    :func:`grouped_attention_cpu` on CPU and SDPA elsewhere.
+    ``unsqueeze(2).repeat``, which interleaves groups). The fast path on CPU runs the native
+    kernel (:func:`native_grouped_attention`), which reads that order directly. Otherwise
+    (:func:`grouped_attention_cpu` on CPU, SDPA elsewhere) it orders heads group-major (head j
+    uses group ``j // (num_heads // num_groups)``, as SDPA's ``enable_gqa`` does), so it
+    reorders the rows of ``q_proj`` and the matching input columns of ``out_proj``.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, num_groups: int = 4):
@@ -359,15 +362,19 @@ class GroupedQueryAttention(nn.Module):
             return self.forward_reference(x)
         B, N, _ = x.shape
         H, G, hd = self.num_heads, self.num_groups, self.head_dim
-        scale = hd ** -0.5  # folded into the query projection
+        scale = hd ** -0.5
+        if hd <= native.MAX_HEAD_DIM and fast_ops.native_usable(x):  # published head order
+            qkv = linear(x, torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
+                         torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]), x_t)
+            out = native_grouped_attention(qkv, H, G, scale)
+            return linear(out, self.out_proj.weight, self.out_proj.bias)
+        # scale folded into the query projection, heads reordered group-major
         q_weight = self.q_proj.weight.view(H, hd, self.dim)[self.head_order].view(self.dim, -1)
         q_bias = self.q_proj.bias.view(H, hd)[self.head_order].view(-1)
         qkv = linear(x, torch.cat([q_weight * scale, self.k_proj.weight, self.v_proj.weight]),
                      torch.cat([q_bias * scale, self.k_proj.bias, self.v_proj.bias]), x_t)
         q, k, v = qkv.split([H * hd, G * hd, G * hd], dim=-1)
-        if hd <= native.MAX_HEAD_DIM and fast_ops.native_usable(qkv):
-            out = native_grouped_attention(qkv, H, G)
-        elif x.device.type == "cpu":
+        if x.device.type == "cpu":
             out = grouped_attention_cpu(q, k, v, H, G)
         else:
             out = F.scaled_dot_product_attention(

@@ -51,8 +51,9 @@ COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "attention_forward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int],
-    "attention_backward": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _int],
+    "attention_forward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _int],
+    "attention_backward": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, ctypes.c_float,
+                           _int],
     "expert_mix_forward": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int],
     "expert_mix_backward": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int],
     "dropout": [_ptr, _ptr, _i64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, _int],
@@ -163,11 +164,16 @@ def _p(tensor: torch.Tensor) -> int:
     return tensor.data_ptr()
 
 
-def attention_forward(qkv: torch.Tensor, num_heads: int, num_groups: int,
+def _p_or_none(tensor: Optional[torch.Tensor]):
+    return None if tensor is None else tensor.data_ptr()
+
+
+def attention_forward(qkv: torch.Tensor, num_heads: int, num_groups: int, scale: float,
                       save_probs: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """qkv (B, N, (H + 2G) hd), group-major query heads already scaled ->
-    (out (B, N, H hd), the softmax probabilities for :func:`attention_backward` (padded,
-    one (rows, keys) block per sample and group) or None)."""
+    """qkv (B, N, (H + 2G) hd): H query heads (head h uses k/v group h % G, the published
+    order), G key heads, G value heads -> (out (B, N, H hd), the softmax probabilities of
+    ``scale * q.k`` for :func:`attention_backward` (padded, one (rows, keys) block per sample
+    and group) or None)."""
     qkv = qkv.contiguous()
     B, N, C = qkv.shape
     hd = C // (num_heads + 2 * num_groups)
@@ -177,19 +183,19 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, num_groups: int,
         rows, keys = _i64(), _i64()
         library().attention_probs_shape(N, num_heads, num_groups, rows, keys)
         probs = qkv.new_empty(B * num_groups, rows.value, keys.value)
-    library().attention_forward(_p(qkv), _p(out), _p(probs) if save_probs else None, B, N,
-                                num_heads, num_groups, hd, torch.get_num_threads())
+    library().attention_forward(_p(qkv), _p(out), _p_or_none(probs), B, N, num_heads,
+                                num_groups, hd, scale, torch.get_num_threads())
     return out, probs
 
 
 def attention_backward(qkv: torch.Tensor, probs: torch.Tensor, grad_out: torch.Tensor,
-                       num_heads: int, num_groups: int) -> torch.Tensor:
+                       num_heads: int, num_groups: int, scale: float) -> torch.Tensor:
     """Gradient with respect to ``qkv`` (B, N, (H + 2G) hd) of :func:`attention_forward`."""
     grad_out = grad_out.contiguous()
     B, N, C = qkv.shape
     grad_qkv = qkv.new_empty(B, N, C)
     library().attention_backward(_p(qkv), _p(probs), _p(grad_out), _p(grad_qkv), B, N,
-                                 num_heads, num_groups, C // (num_heads + 2 * num_groups),
+                                 num_heads, num_groups, C // (num_heads + 2 * num_groups), scale,
                                  torch.get_num_threads())
     return grad_qkv
 
@@ -259,10 +265,6 @@ def layer_norm_backward(x, mean, rstd, weight, grad_y):
                                   _p(grad_x), _p(grad_weight), _p(grad_bias), T, C,
                                   torch.get_num_threads())
     return grad_x, grad_weight, grad_bias
-
-
-def _p_or_none(tensor: Optional[torch.Tensor]):
-    return None if tensor is None else tensor.data_ptr()
 
 
 def gate_forward(logits: torch.Tensor, eps: Optional[torch.Tensor], k: int):

@@ -13,17 +13,22 @@ import torch.nn.functional as F
 
 from models import fast_ops, native
 from models.moe_mae import (GroupedQueryAttention, NoisyTopKGate, build_mae,
-                            grouped_attention_cpu, load_balancing_loss, use_reference_impl)
+                            load_balancing_loss, use_reference_impl)
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_native = pytest.mark.skipif(native.library() is None, reason=native.status())
 
 
-def reference_attention(qkv, heads, groups):
-    """The PyTorch path on the same fused layout (float64 for a precise reference)."""
+def reference_attention(qkv, heads, groups, scale):
+    """The published computation: k/v repeated so that head h uses group h % G."""
+    B, N, _ = qkv.shape
     hd = qkv.shape[-1] // (heads + 2 * groups)
     q, k, v = qkv.split([heads * hd, groups * hd, groups * hd], dim=-1)
-    return grouped_attention_cpu(q, k, v, heads, groups)
+    q = q.view(B, N, heads, hd).transpose(1, 2)
+    k, v = (t.view(B, N, 1, groups, hd).repeat(1, 1, heads // groups, 1, 1)
+            .view(B, N, heads, hd).transpose(1, 2) for t in (k, v))
+    out = ((q @ k.transpose(-1, -2)) * scale).softmax(-1) @ v
+    return out.transpose(1, 2).reshape(B, N, heads * hd)
 
 
 def reference_mix(pre, topk_idx, gates):
@@ -46,14 +51,16 @@ def test_attention_matches_pytorch_with_gradients(shape):
     qkv = torch.randn(B, N, (H + 2 * G) * hd, generator=g, dtype=torch.float64) * 0.5
     qkv.requires_grad_(True)
     grad_out = torch.randn(B, N, H * hd, generator=g, dtype=torch.float64)
-    want = reference_attention(qkv, H, G)
+    scale = 1.3 * hd ** -0.5
+    want = reference_attention(qkv, H, G, scale)
     (want_grad,) = torch.autograd.grad(want, qkv, grad_out)
 
-    out, probs = native.attention_forward(qkv.detach().float(), H, G, save_probs=True)
-    grad = native.attention_backward(qkv.detach().float(), probs, grad_out.float(), H, G)
+    out, probs = native.attention_forward(qkv.detach().float(), H, G, scale, save_probs=True)
+    grad = native.attention_backward(qkv.detach().float(), probs, grad_out.float(), H, G, scale)
     torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6)
     torch.testing.assert_close(grad.double(), want_grad, rtol=0, atol=1e-5)
-    unsaved, none = native.attention_forward(qkv.detach().float(), H, G, save_probs=False)
+    unsaved, none = native.attention_forward(qkv.detach().float(), H, G, scale,
+                                             save_probs=False)
     assert none is None and torch.equal(unsaved, out)
 
 
@@ -88,8 +95,8 @@ def test_kernels_do_not_depend_on_the_thread_count():
     for n in (1, 3):
         torch.set_num_threads(n)
         try:
-            out, probs = native.attention_forward(qkv, 6, 3, save_probs=True)
-            results.append((out, native.attention_backward(qkv, probs, grad_out, 6, 3)))
+            out, probs = native.attention_forward(qkv, 6, 3, 0.2, save_probs=True)
+            results.append((out, native.attention_backward(qkv, probs, grad_out, 6, 3, 0.2)))
         finally:
             torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results))

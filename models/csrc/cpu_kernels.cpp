@@ -5,11 +5,12 @@
 // them on narrower CPUs). Every kernel is deterministic: work is split over independent tasks
 // and each output element is reduced in a fixed order, whatever the number of threads.
 //
-// Grouped attention. qkv (B, N, C) with C = (H + 2G) * hd holds, per token, the H query heads
-// (group-major: head h uses k/v group h / R, R = H / G; queries already scaled), then the G key
-// heads, then the G value heads. out and grad_out are (B, N, H * hd). One task is one
-// (sample, group) pair; its R * N query rows (row = r * N + i) share the group's keys and
-// values. probs (B * G, M, NP) keeps the forward softmax for the backward pass, rows padded
+// Grouped attention. qkv (B, N, C) with C = (H + 2G) * hd holds, per token, the H query heads,
+// then the G key heads, then the G value heads. Query head h uses k/v group h % G, as in the
+// published model (its k/v were repeated with unsqueeze/repeat, which interleaves groups);
+// scores are scaled by `scale`. out and grad_out are (B, N, H * hd). One task is one
+// (sample, group g) pair; its R * N query rows (R = H / G; row = r * N + i: token i, head
+// g + r * G) share the group's keys and values. probs (B * G, M, NP) keeps the forward softmax for the backward pass, rows padded
 // to M (a multiple of 4) and keys to NP (a multiple of 16) with zeros.
 //
 // Expert mixing. pre (T, E + 1, dh) holds W_e x for the E experts followed by V x; idx and
@@ -114,34 +115,35 @@ struct Task {
 inline void gather_rows(const float* src, idx_t stride, idx_t rows, idx_t hd, idx_t HV,
                         float* dst) {
   for (idx_t j = 0; j < rows; ++j) {
+    const float* s = src + j * stride;
     float* d = dst + j * HV * L;
-    std::memcpy(d, src + j * stride, hd * sizeof(float));
-    std::fill(d + hd, d + HV * L, 0.0f);
+    for (idx_t h = 0; h < HV; ++h) {
+      const idx_t n = std::min<idx_t>(L, hd - h * L);
+      store(d + h * L, n == L ? load(s + h * L) : load_tail(s + h * L, n));
+    }
   }
 }
 
 template <int HV_T>
 void attention_forward_impl(const float* qkv, float* out, float* probs, idx_t B, idx_t N,
-                            idx_t H, idx_t G, idx_t hd, int threads) {
+                            idx_t H, idx_t G, idx_t hd, float scale, int threads) {
   const idx_t HV = HV_T ? HV_T : (hd + L - 1) / L, W = HV * L;
   const idx_t R = H / G, C = (H + 2 * G) * hd, NP = round_up(N, L), NB = NP / L;
   const idx_t M = round_up(R * N, RB), out_stride = H * hd;
 #pragma omp parallel num_threads(threads)
   {
+    // zero-initialised once: tasks overwrite the same rows and columns and never the padding
     std::vector<float> kt(hd * NP), v(NP * W), q(M * W), key_bias(NP), scratch(RB * NP);
     for (idx_t j = 0; j < NP; ++j) key_bias[j] = j < N ? 0.0f : -1e30f;  // padded keys
 #pragma omp for schedule(static)
     for (idx_t task = 0; task < B * G; ++task) {
       const idx_t b = task / G, g = task % G;
       const float* base = qkv + b * N * C;
-      std::fill(kt.begin(), kt.end(), 0.0f);
       for (idx_t j = 0; j < N; ++j)
         for (idx_t d = 0; d < hd; ++d) kt[d * NP + j] = base[j * C + (H + g) * hd + d];
-      std::fill(v.begin(), v.end(), 0.0f);
       gather_rows(base + (H + G + g) * hd, C, N, hd, HV, v.data());
-      std::fill(q.begin(), q.end(), 0.0f);
       for (idx_t r = 0; r < R; ++r)
-        gather_rows(base + (g * R + r) * hd, C, N, hd, HV, q.data() + r * N * W);
+        gather_rows(base + (g + r * G) * hd, C, N, hd, HV, q.data() + r * N * W);
       float* task_probs = probs ? probs + task * M * NP : nullptr;
 
       for (idx_t row0 = 0; row0 < M; row0 += RB) {
@@ -154,7 +156,7 @@ void attention_forward_impl(const float* qkv, float* out, float* probs, idx_t B,
             for (int r = 0; r < RB; ++r) acc[r] += q[(row0 + r) * W + d] * k;
           }
           const vf bias = load(key_bias.data() + jb * L);
-          for (int r = 0; r < RB; ++r) store(p + r * NP + jb * L, acc[r] + bias);
+          for (int r = 0; r < RB; ++r) store(p + r * NP + jb * L, acc[r] * scale + bias);
         }
         for (int r = 0; r < RB; ++r) {
           float* pr = p + r * NP;
@@ -179,7 +181,7 @@ void attention_forward_impl(const float* qkv, float* out, float* probs, idx_t B,
           }
         }
         for (int r = 0; r < RB && row0 + r < R * N; ++r) {
-          const idx_t row = row0 + r, head = g * R + row / N, i = row % N;
+          const idx_t row = row0 + r, head = g + row / N * G, i = row % N;
           float* o = out + (b * N + i) * out_stride + head * hd;
           for (idx_t h = 0; h < HV; ++h) {
             const idx_t n = std::min<idx_t>(L, hd - h * L);
@@ -194,32 +196,29 @@ void attention_forward_impl(const float* qkv, float* out, float* probs, idx_t B,
 template <int HV_T>
 void attention_backward_impl(const float* qkv, const float* probs, const float* grad_out,
                              float* grad_qkv, idx_t B, idx_t N, idx_t H, idx_t G, idx_t hd,
-                             int threads) {
+                             float scale, int threads) {
   const idx_t HV = HV_T ? HV_T : (hd + L - 1) / L, W = HV * L;
   const idx_t R = H / G, C = (H + 2 * G) * hd, NP = round_up(N, L), NB = NP / L;
   const idx_t M = round_up(R * N, RB), out_stride = H * hd;
 #pragma omp parallel num_threads(threads)
   {
+    // zero-initialised once: tasks overwrite the same rows and columns and never the padding
     std::vector<float> k(NP * W), vt(hd * NP), q(M * W), go(M * W), dk(NP * W), dv(NP * W),
         ds(RB * NP);
 #pragma omp for schedule(static)
     for (idx_t task = 0; task < B * G; ++task) {
       const idx_t b = task / G, g = task % G;
       const float* base = qkv + b * N * C;
-      std::fill(k.begin(), k.end(), 0.0f);
       gather_rows(base + (H + g) * hd, C, N, hd, HV, k.data());
-      std::fill(vt.begin(), vt.end(), 0.0f);
       for (idx_t j = 0; j < N; ++j)
         for (idx_t d = 0; d < hd; ++d) vt[d * NP + j] = base[j * C + (H + G + g) * hd + d];
-      std::fill(q.begin(), q.end(), 0.0f);
-      std::fill(go.begin(), go.end(), 0.0f);
       for (idx_t r = 0; r < R; ++r) {
-        gather_rows(base + (g * R + r) * hd, C, N, hd, HV, q.data() + r * N * W);
-        gather_rows(grad_out + b * N * out_stride + (g * R + r) * hd, out_stride, N, hd, HV,
+        gather_rows(base + (g + r * G) * hd, C, N, hd, HV, q.data() + r * N * W);
+        gather_rows(grad_out + b * N * out_stride + (g + r * G) * hd, out_stride, N, hd, HV,
                     go.data() + r * N * W);
       }
-      std::fill(dk.begin(), dk.end(), 0.0f);
-      std::fill(dv.begin(), dv.end(), 0.0f);
+      std::fill(dk.begin(), dk.begin() + N * W, 0.0f);
+      std::fill(dv.begin(), dv.begin() + N * W, 0.0f);
       const float* task_probs = probs + task * M * NP;
 
       for (idx_t row0 = 0; row0 < M; row0 += RB) {
@@ -241,7 +240,7 @@ void attention_backward_impl(const float* qkv, const float* probs, const float* 
           const float dr = hsum(delta[r]);
           for (idx_t jb = 0; jb < NB; ++jb) {
             const idx_t o = r * NP + jb * L;
-            store(ds.data() + o, load(p + o) * (load(ds.data() + o) - dr));
+            store(ds.data() + o, load(p + o) * (load(ds.data() + o) - dr) * scale);
           }
         }
         // dV += p^T dO; dK += ds^T Q; dQ = ds K, head dims in vector lanes
@@ -267,7 +266,7 @@ void attention_backward_impl(const float* qkv, const float* probs, const float* 
           }
         }
         for (int r = 0; r < RB && row0 + r < R * N; ++r) {
-          const idx_t row = row0 + r, head = g * R + row / N, i = row % N;
+          const idx_t row = row0 + r, head = g + row / N * G, i = row % N;
           float* o = grad_qkv + (b * N + i) * C + head * hd;
           for (idx_t h = 0; h < HV; ++h) {
             const idx_t n = std::min<idx_t>(L, hd - h * L);
@@ -277,8 +276,10 @@ void attention_backward_impl(const float* qkv, const float* probs, const float* 
       }
       for (idx_t j = 0; j < N; ++j) {
         float* row = grad_qkv + (b * N + j) * C;
-        std::memcpy(row + (H + g) * hd, dk.data() + j * W, hd * sizeof(float));
-        std::memcpy(row + (H + G + g) * hd, dv.data() + j * W, hd * sizeof(float));
+        for (idx_t d = 0; d < hd; ++d) {
+          row[(H + g) * hd + d] = dk[j * W + d];
+          row[(H + G + g) * hd + d] = dv[j * W + d];
+        }
       }
     }
   }
@@ -297,20 +298,24 @@ void attention_probs_shape(idx_t N, idx_t H, idx_t G, idx_t* rows, idx_t* keys) 
 }
 
 void attention_forward(const float* qkv, float* out, float* probs, idx_t B, idx_t N, idx_t H,
-                       idx_t G, idx_t hd, int threads) {
-  if (hd <= L) return attention_forward_impl<1>(qkv, out, probs, B, N, H, G, hd, threads);
-  if (hd <= 2 * L) return attention_forward_impl<2>(qkv, out, probs, B, N, H, G, hd, threads);
-  attention_forward_impl<0>(qkv, out, probs, B, N, H, G, hd, threads);
+                       idx_t G, idx_t hd, float scale, int threads) {
+  if (hd <= L)
+    return attention_forward_impl<1>(qkv, out, probs, B, N, H, G, hd, scale, threads);
+  if (hd <= 2 * L)
+    return attention_forward_impl<2>(qkv, out, probs, B, N, H, G, hd, scale, threads);
+  attention_forward_impl<0>(qkv, out, probs, B, N, H, G, hd, scale, threads);
 }
 
 void attention_backward(const float* qkv, const float* probs, const float* grad_out,
                         float* grad_qkv, idx_t B, idx_t N, idx_t H, idx_t G, idx_t hd,
-                        int threads) {
+                        float scale, int threads) {
   if (hd <= L)
-    return attention_backward_impl<1>(qkv, probs, grad_out, grad_qkv, B, N, H, G, hd, threads);
+    return attention_backward_impl<1>(qkv, probs, grad_out, grad_qkv, B, N, H, G, hd, scale,
+                                      threads);
   if (hd <= 2 * L)
-    return attention_backward_impl<2>(qkv, probs, grad_out, grad_qkv, B, N, H, G, hd, threads);
-  attention_backward_impl<0>(qkv, probs, grad_out, grad_qkv, B, N, H, G, hd, threads);
+    return attention_backward_impl<2>(qkv, probs, grad_out, grad_qkv, B, N, H, G, hd, scale,
+                                      threads);
+  attention_backward_impl<0>(qkv, probs, grad_out, grad_qkv, B, N, H, G, hd, scale, threads);
 }
 
 // hidden (T, dh) = V x * sum_j gates_j silu(W_{idx_j} x)
