@@ -11,6 +11,10 @@ Model S, 40x40x7 chips, patch 4, fp32, on whatever device this runs (CPU here):
   separate the effect of chunking: the fast path in one chunk of 256, and the oracle fed
   chunks of 128.
 
+The fast path uses the native CPU kernels of ``models/native.py`` where they build; the rows
+"PyTorch ops only" show it without them (``native.enabled(False)``, as on a machine without a
+C++ compiler).
+
 Every workload (implementation x training/inference) runs in its own fresh process, on the
 same weights and the same rotating set of input batches (routing varies between batches, as
 with real data); a process times its calls after two untimed ones (steady state). Processes
@@ -36,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import fast_ops  # noqa: E402
+from models import fast_ops, native  # noqa: E402
 from models.moe_mae import MOEEncoder, build_mae, use_reference_impl  # noqa: E402
 
 
@@ -90,8 +94,10 @@ def make_batches(n: int, count: int, seed: int):
 
 WORKLOADS = {  # name: (training?, implementation, chunk size of inference)
     "train_fast": (True, "fast", None),
+    "train_fast_torch_ops": (True, "fast_torch_ops", None),
     "train_oracle": (True, "oracle", None),
     "infer_fast": (False, "fast", None),
+    "infer_fast_torch_ops": (False, "fast_torch_ops", None),
     "infer_fast_unchunked": (False, "fast", 256),
     "infer_oracle": (False, "oracle", 256),
     "infer_oracle_chunked": (False, "oracle", 128),
@@ -117,7 +123,7 @@ def measure(workload: str, calls: int) -> list:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(mae.parameters(), 1.0)
             optimizer.step()
-    elif implementation == "fast":
+    elif implementation.startswith("fast"):
         def call(imgs, meta):
             mae.encoder.forward_features(imgs, *meta, chunk_size=chunk_size)
     else:
@@ -127,7 +133,8 @@ def measure(workload: str, calls: int) -> list:
                 mae.encoder(imgs[part], *(m[part] for m in meta))
 
     times = []
-    with torch.inference_mode(not training), use_reference_impl(mae, implementation == "oracle"):
+    with torch.inference_mode(not training), use_reference_impl(mae, implementation == "oracle"), \
+            native.enabled(implementation == "fast"):
         for i in range(calls + 2):
             start = time.perf_counter()
             call(*batches[i % len(batches)])
@@ -168,8 +175,12 @@ def main(argv=None):
     infer_flops = model_flops(encoder, encoder.num_tokens)
     rows = [
         ("training, batch 64", "fast path", speed["train_fast"], train_flops),
+        ("training, batch 64", "fast path, PyTorch ops only", speed["train_fast_torch_ops"],
+         train_flops),
         ("training, batch 64", "oracle", speed["train_oracle"], train_flops),
         ("inference, batch 256", "fast path", speed["infer_fast"], infer_flops),
+        ("inference, batch 256", "fast path, PyTorch ops only", speed["infer_fast_torch_ops"],
+         infer_flops),
         ("inference, batch 256", "fast path, one chunk of 256", speed["infer_fast_unchunked"],
          infer_flops),
         ("inference, batch 256", "oracle", speed["infer_oracle"], infer_flops),
@@ -186,7 +197,11 @@ def main(argv=None):
     for workload, impl, ips, flops in rows:
         gflops = ips * flops / 1e9
         print(f"| {workload} | {impl} | {ips:.0f} | {gflops:.0f} | {100 * gflops / peak:.0f}% |")
+    if native.library() is None:
+        print(f"note: {native.status()}; the fast path ran on PyTorch ops only")
     ratios = {"training": speed["train_fast"] / speed["train_oracle"],
+              "training_torch_ops": speed["train_fast_torch_ops"] / speed["train_oracle"],
+              "inference_torch_ops": speed["infer_fast_torch_ops"] / speed["infer_oracle"],
               "inference": speed["infer_fast"] / speed["infer_oracle"],
               "inference_unchunked": speed["infer_fast_unchunked"] / speed["infer_oracle"],
               "inference_both_chunked": speed["infer_fast"] / speed["infer_oracle_chunked"]}
@@ -194,6 +209,8 @@ def main(argv=None):
     print(f"fast / oracle: training {ratios['training']:.2f}x, inference "
           f"{ratios['inference']:.2f}x (fast path in one chunk: {ratios['inference_unchunked']:.2f}x;"
           f" both in chunks of 128: {ratios['inference_both_chunked']:.2f}x)")
+    print(f"fast path on PyTorch ops only / oracle: training {ratios['training_torch_ops']:.2f}x,"
+          f" inference {ratios['inference_torch_ops']:.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"images_per_second": speed, "seconds": seconds,
                                          "ratios": ratios, "matmul_peak_gflops": peaks},

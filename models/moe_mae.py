@@ -302,28 +302,31 @@ def grouped_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num
 class _NativeGroupedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, num_heads, num_groups, scale):
-        out, probs = native.attention_forward(qkv, num_heads, num_groups, scale, save_probs=True)
+        out, out_t, probs = native.attention_forward(qkv, num_heads, num_groups, scale,
+                                                     save_probs=True, transposed=True)
         ctx.save_for_backward(qkv, probs)
         ctx.args = num_heads, num_groups, scale
-        return out
+        ctx.mark_non_differentiable(out_t)
+        return out, out_t
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _):
         qkv, probs = ctx.saved_tensors
         return native.attention_backward(qkv, probs, grad_out, *ctx.args), None, None, None
 
 
-def native_grouped_attention(qkv: torch.Tensor, num_heads: int, num_groups: int,
-                             scale: float) -> torch.Tensor:
+def native_grouped_attention(qkv: torch.Tensor, num_heads: int, num_groups: int, scale: float
+                             ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Softmax attention of ``scale * q.k`` with the native kernels (:mod:`models.native`).
 
     qkv (B, N, (H + 2G) hd): the fused projection output, H query heads in the published order
     (head h uses k/v group h % G), then the G key heads, then the G value heads.
-    Returns (B, N, H hd), heads in the same order.
+    Returns out (B, N, H hd), heads in the same order, and, with autograd, out transposed
+    (H hd, B N) for the output projection's weight gradient (else None).
     """
     if torch.is_grad_enabled() and qkv.requires_grad:
         return _NativeGroupedAttention.apply(qkv, num_heads, num_groups, scale)
-    return native.attention_forward(qkv, num_heads, num_groups, scale, save_probs=False)[0]
+    return native.attention_forward(qkv, num_heads, num_groups, scale, save_probs=False)[0], None
 
 
 class GroupedQueryAttention(nn.Module):
@@ -366,8 +369,8 @@ class GroupedQueryAttention(nn.Module):
         if hd <= native.MAX_HEAD_DIM and fast_ops.native_usable(x):  # published head order
             qkv = linear(x, torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
                          torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]), x_t)
-            out = native_grouped_attention(qkv, H, G, scale)
-            return linear(out, self.out_proj.weight, self.out_proj.bias)
+            out, out_t = native_grouped_attention(qkv, H, G, scale)
+            return linear(out, self.out_proj.weight, self.out_proj.bias, out_t)
         # scale folded into the query projection, heads reordered group-major
         q_weight = self.q_proj.weight.view(H, hd, self.dim)[self.head_order].view(self.dim, -1)
         q_bias = self.q_proj.bias.view(H, hd)[self.head_order].view(-1)

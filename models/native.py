@@ -19,8 +19,9 @@ in ``csrc/cpu_kernels.cpp`` do each of these in one pass over data that stays in
   backward pass recomputes it and no random numbers or masks are stored;
 
 The source is compiled on first use with the system C++ compiler (``g++ -O3 -march=native
--fopenmp``, about a second) into ``$MOE_MAE_CACHE`` (default ``~/.cache/moe_mae``), under a
-name that hashes the source, the compiler and the CPU, and is loaded with ctypes. OpenMP
+-fopenmp``, about a second) into ``$MOE_MAE_CACHE`` (default ``~/.cache/moe_mae``, else the
+temporary folder), under a name that hashes the source, the compiler and the CPU, and is
+loaded with ctypes. OpenMP
 comes from the runtime PyTorch already loaded, so both share one thread pool; kernels use
 ``torch.get_num_threads()`` threads. Results are deterministic for any thread count.
 
@@ -51,7 +52,8 @@ COMPILE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c
 
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "attention_forward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, ctypes.c_float, _int],
+    "attention_forward": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, ctypes.c_float,
+                          _int],
     "attention_backward": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, ctypes.c_float,
                            _int],
     "expert_mix_forward": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int],
@@ -73,8 +75,11 @@ _unavailable_reason: Optional[str] = None
 _enabled = True
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MOE_MAE_CACHE", Path.home() / ".cache" / "moe_mae"))
+def _cache_dirs():
+    """Where built kernels go: ``$MOE_MAE_CACHE``, else ``~/.cache/moe_mae``; the system's
+    temporary folder when that is not writable."""
+    yield Path(os.environ.get("MOE_MAE_CACHE", Path.home() / ".cache" / "moe_mae"))
+    yield Path(tempfile.gettempdir()) / f"moe_mae-{os.getuid() if hasattr(os, 'getuid') else 0}"
 
 
 def _cpu_signature() -> str:
@@ -92,23 +97,30 @@ def _build(compiler: str) -> Path:
                              check=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *COMPILE_FLAGS,
                                     _cpu_signature()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_kernels-{key}.so"
-    if target.exists():
+    error = None
+    for folder in _cache_dirs():
+        target = folder / f"cpu_kernels-{key}.so"
+        if target.exists():
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        except OSError as err:  # not writable: try the next folder
+            error = err
+            continue
+        os.close(fd)
+        try:
+            result = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", tmp],
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed on {SOURCE}: "
+                                   f"{result.stderr.strip().splitlines()[-1:]}")
+            os.replace(tmp, target)  # atomic: concurrent builds (DDP ranks) are harmless
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        result = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", tmp],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE}: "
-                               f"{result.stderr.strip().splitlines()[-1:]}")
-        os.replace(tmp, target)  # atomic: concurrent builds (DDP ranks) are harmless
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    raise RuntimeError(f"no writable folder for the built kernels: {error}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,23 +181,24 @@ def _p_or_none(tensor: Optional[torch.Tensor]):
 
 
 def attention_forward(qkv: torch.Tensor, num_heads: int, num_groups: int, scale: float,
-                      save_probs: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                      save_probs: bool, transposed: bool = False):
     """qkv (B, N, (H + 2G) hd): H query heads (head h uses k/v group h % G, the published
-    order), G key heads, G value heads -> (out (B, N, H hd), the softmax probabilities of
-    ``scale * q.k`` for :func:`attention_backward` (padded, one (rows, keys) block per sample
-    and group) or None)."""
+    order), G key heads, G value heads -> (out (B, N, H hd), out transposed (H hd, B N) or
+    None, the softmax probabilities of ``scale * q.k`` for :func:`attention_backward`
+    (padded, one (rows, keys) block per sample and group) or None)."""
     qkv = qkv.contiguous()
     B, N, C = qkv.shape
     hd = C // (num_heads + 2 * num_groups)
     out = qkv.new_empty(B, N, num_heads * hd)
+    out_t = qkv.new_empty(num_heads * hd, B * N) if transposed else None
     probs = None
     if save_probs:
         rows, keys = _i64(), _i64()
         library().attention_probs_shape(N, num_heads, num_groups, rows, keys)
         probs = qkv.new_empty(B * num_groups, rows.value, keys.value)
-    library().attention_forward(_p(qkv), _p(out), _p_or_none(probs), B, N, num_heads,
-                                num_groups, hd, scale, torch.get_num_threads())
-    return out, probs
+    library().attention_forward(_p(qkv), _p(out), _p_or_none(out_t), _p_or_none(probs), B, N,
+                                num_heads, num_groups, hd, scale, torch.get_num_threads())
+    return out, out_t, probs
 
 
 def attention_backward(qkv: torch.Tensor, probs: torch.Tensor, grad_out: torch.Tensor,

@@ -55,13 +55,15 @@ def test_attention_matches_pytorch_with_gradients(shape):
     want = reference_attention(qkv, H, G, scale)
     (want_grad,) = torch.autograd.grad(want, qkv, grad_out)
 
-    out, probs = native.attention_forward(qkv.detach().float(), H, G, scale, save_probs=True)
+    out, out_t, probs = native.attention_forward(qkv.detach().float(), H, G, scale,
+                                                 save_probs=True, transposed=True)
     grad = native.attention_backward(qkv.detach().float(), probs, grad_out.float(), H, G, scale)
     torch.testing.assert_close(out.double(), want, rtol=0, atol=2e-6)
     torch.testing.assert_close(grad.double(), want_grad, rtol=0, atol=1e-5)
-    unsaved, none = native.attention_forward(qkv.detach().float(), H, G, scale,
-                                             save_probs=False)
-    assert none is None and torch.equal(unsaved, out)
+    assert torch.equal(out_t, out.reshape(B * N, -1).t())
+    unsaved, no_t, no_probs = native.attention_forward(qkv.detach().float(), H, G, scale,
+                                                       save_probs=False)
+    assert no_t is None and no_probs is None and torch.equal(unsaved, out)
 
 
 @needs_native
@@ -95,7 +97,7 @@ def test_kernels_do_not_depend_on_the_thread_count():
     for n in (1, 3):
         torch.set_num_threads(n)
         try:
-            out, probs = native.attention_forward(qkv, 6, 3, 0.2, save_probs=True)
+            out, _, probs = native.attention_forward(qkv, 6, 3, 0.2, save_probs=True)
             results.append((out, native.attention_backward(qkv, probs, grad_out, 6, 3, 0.2)))
         finally:
             torch.set_num_threads(threads)
@@ -153,6 +155,18 @@ def test_build_goes_to_the_cache_folder(tmp_path):
     assert "in use" in result.stdout
     built = list(tmp_path.glob("cpu_kernels-*.so"))
     assert len(built) == 1 and not list(tmp_path.glob("*.so.tmp*"))
+
+
+@needs_native
+def test_an_unwritable_cache_folder_falls_back_to_the_temporary_folder(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    (tmp_path / "tmp").mkdir()
+    result = run_python("from models import native; print(native.status())",
+                        MOE_MAE_CACHE=str(blocked / "cache"), TMPDIR=str(tmp_path / "tmp"))
+    assert result.returncode == 0, result.stderr
+    assert "in use" in result.stdout
+    assert len(list((tmp_path / "tmp").glob("moe_mae-*/cpu_kernels-*.so"))) == 1
 
 
 def test_a_failing_compiler_falls_back_with_a_warning(tmp_path):

@@ -8,7 +8,8 @@
 // Grouped attention. qkv (B, N, C) with C = (H + 2G) * hd holds, per token, the H query heads,
 // then the G key heads, then the G value heads. Query head h uses k/v group h % G, as in the
 // published model (its k/v were repeated with unsqueeze/repeat, which interleaves groups);
-// scores are scaled by `scale`. out and grad_out are (B, N, H * hd). One task is one
+// scores are scaled by `scale`. out and grad_out are (B, N, H * hd); out_t, when given,
+// receives out transposed (H * hd, B * N) for the weight gradient of the output projection. One task is one
 // (sample, group g) pair; its R * N query rows (R = H / G; row = r * N + i: token i, head
 // g + r * G) share the group's keys and values. probs (B * G, M, NP) keeps the forward softmax for the backward pass, rows padded
 // to M (a multiple of 4) and keys to NP (a multiple of 16) with zeros.
@@ -125,8 +126,8 @@ inline void gather_rows(const float* src, idx_t stride, idx_t rows, idx_t hd, id
 }
 
 template <int HV_T>
-void attention_forward_impl(const float* qkv, float* out, float* probs, idx_t B, idx_t N,
-                            idx_t H, idx_t G, idx_t hd, float scale, int threads) {
+void attention_forward_impl(const float* qkv, float* out, float* out_t, float* probs, idx_t B,
+                            idx_t N, idx_t H, idx_t G, idx_t hd, float scale, int threads) {
   const idx_t HV = HV_T ? HV_T : (hd + L - 1) / L, W = HV * L;
   const idx_t R = H / G, C = (H + 2 * G) * hd, NP = round_up(N, L), NB = NP / L;
   const idx_t M = round_up(R * N, RB), out_stride = H * hd;
@@ -187,6 +188,9 @@ void attention_forward_impl(const float* qkv, float* out, float* probs, idx_t B,
             const idx_t n = std::min<idx_t>(L, hd - h * L);
             if (n == L) store(o + h * L, acc[r][h]); else store_tail(o + h * L, acc[r][h], n);
           }
+          if (out_t)  // column b * N + i of out transposed (H * hd, B * N)
+            for (idx_t d = 0; d < hd; ++d)
+              out_t[(head * hd + d) * B * N + b * N + i] = acc[r][d / L][d % L];
         }
       }
     }
@@ -297,13 +301,13 @@ void attention_probs_shape(idx_t N, idx_t H, idx_t G, idx_t* rows, idx_t* keys) 
   *keys = round_up(N, L);
 }
 
-void attention_forward(const float* qkv, float* out, float* probs, idx_t B, idx_t N, idx_t H,
-                       idx_t G, idx_t hd, float scale, int threads) {
+void attention_forward(const float* qkv, float* out, float* out_t, float* probs, idx_t B,
+                       idx_t N, idx_t H, idx_t G, idx_t hd, float scale, int threads) {
   if (hd <= L)
-    return attention_forward_impl<1>(qkv, out, probs, B, N, H, G, hd, scale, threads);
+    return attention_forward_impl<1>(qkv, out, out_t, probs, B, N, H, G, hd, scale, threads);
   if (hd <= 2 * L)
-    return attention_forward_impl<2>(qkv, out, probs, B, N, H, G, hd, scale, threads);
-  attention_forward_impl<0>(qkv, out, probs, B, N, H, G, hd, scale, threads);
+    return attention_forward_impl<2>(qkv, out, out_t, probs, B, N, H, G, hd, scale, threads);
+  attention_forward_impl<0>(qkv, out, out_t, probs, B, N, H, G, hd, scale, threads);
 }
 
 void attention_backward(const float* qkv, const float* probs, const float* grad_out,
