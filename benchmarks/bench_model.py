@@ -207,8 +207,9 @@ def main(argv=None):
               "inference_both_chunked": speed["infer_fast"] / speed["infer_oracle_chunked"]}
     print()
     print(f"fast / oracle: training {ratios['training']:.2f}x, inference "
-          f"{ratios['inference']:.2f}x (fast path in one chunk: {ratios['inference_unchunked']:.2f}x;"
-          f" both in chunks of 128: {ratios['inference_both_chunked']:.2f}x)")
+          f"{ratios['inference']:.2f}x (fast path in one chunk: "
+          f"{ratios['inference_unchunked']:.2f}x; both in chunks of 128: "
+          f"{ratios['inference_both_chunked']:.2f}x)")
     print(f"fast path on PyTorch ops only / oracle: training {ratios['training_torch_ops']:.2f}x,"
           f" inference {ratios['inference_torch_ops']:.2f}x")
     if args.json:

@@ -15,6 +15,10 @@ instead of being rebuilt for each new number of routed tokens. Forward and backw
 written by hand (:class:`ExpertMixture`) to keep the number of tensor operations small: at
 this model's sizes per-op overhead matters as much as FLOPs.
 
+With the native CPU kernels (:func:`models.native.expert_mix_forward` and
+``expert_mix_backward``), everything between the two matmuls (gather, activation, gating,
+and their gradients) is one fused pass per direction; otherwise it runs on PyTorch ops.
+
 Every expert's ``W`` is part of the matmul whether or not a token was routed to it, so every
 parameter receives a gradient (zero for an unused expert) on every step.
 """

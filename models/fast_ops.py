@@ -75,10 +75,6 @@ def use_backend(name: str):
         _backend = previous
 
 
-def current_backend() -> str:
-    return _backend
-
-
 def native_usable(*tensors: torch.Tensor) -> bool:
     """True when the native kernels (:mod:`models.native`) can run on these tensors: fp32 on
     CPU, outside autocast, with the backend not forced to ``torch``."""

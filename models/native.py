@@ -1,9 +1,10 @@
-"""Native CPU kernels of the fast path: grouped attention and expert mixing, fused.
+"""Native CPU kernels of the fast path: attention, expert mixing, gate, LayerNorm, dropout.
 
 At this model's sizes (head dim 16-18, 30 to 105 tokens, expert widths of 27-144) a training
 step on CPU spends much of its time outside the matrix products: in PyTorch's batched matmul
-for tiny matrices, in softmax, and in a dozen element-wise passes per MoE layer. The kernels
-in ``csrc/cpu_kernels.cpp`` do each of these in one pass over data that stays in cache:
+for tiny matrices, in softmax, and in dozens of small element-wise passes per layer. The
+kernels in ``csrc/cpu_kernels.cpp`` do each of these in one pass over data that stays in
+cache, each with a hand-written backward pass:
 
 * :func:`attention_forward` / :func:`attention_backward`: softmax attention for every
   (sample, k/v group) pair, reading q, k and v straight from the fused projection output and
@@ -16,14 +17,14 @@ in ``csrc/cpu_kernels.cpp`` do each of these in one pass over data that stays in
   also writing its output transposed (the weight gradients of the next linear layers need
   that layout; oneDNN would otherwise copy it);
 * :func:`dropout`: inverted dropout whose mask is a hash of (seed, element index), so the
-  backward pass recomputes it and no random numbers or masks are stored;
+  backward pass recomputes it and no random numbers or masks are stored.
 
 The source is compiled on first use with the system C++ compiler (``g++ -O3 -march=native
 -fopenmp``, about a second) into ``$MOE_MAE_CACHE`` (default ``~/.cache/moe_mae``, else the
 temporary folder), under a name that hashes the source, the compiler and the CPU, and is
-loaded with ctypes. OpenMP
-comes from the runtime PyTorch already loaded, so both share one thread pool; kernels use
-``torch.get_num_threads()`` threads. Results are deterministic for any thread count.
+loaded with ctypes. OpenMP comes from the runtime PyTorch already loaded, so both share one
+thread pool; kernels use ``torch.get_num_threads()`` threads. Results are deterministic for
+any thread count.
 
 When the kernels cannot be used (no compiler, a failed build, ``MOE_MAE_NATIVE=0``, or
 :func:`models.fast_ops.use_backend` set to ``torch``) the fast path runs on PyTorch ops
@@ -113,8 +114,8 @@ def _build(compiler: str) -> Path:
             result = subprocess.run([compiler, *COMPILE_FLAGS, str(SOURCE), "-o", tmp],
                                     capture_output=True, text=True)
             if result.returncode != 0:
-                raise RuntimeError(f"{compiler} failed on {SOURCE}: "
-                                   f"{result.stderr.strip().splitlines()[-1:]}")
+                last_line = (result.stderr.strip().splitlines() or ["no message"])[-1]
+                raise RuntimeError(f"{compiler} failed on {SOURCE}: {last_line}")
             os.replace(tmp, target)  # atomic: concurrent builds (DDP ranks) are harmless
         finally:
             if os.path.exists(tmp):
@@ -169,7 +170,9 @@ def enabled(flag: bool):
 def status() -> str:
     """One line: whether the native kernels are in use, and why not."""
     lib = library()
-    return "native CPU kernels: in use" if lib else f"native CPU kernels: off ({_unavailable_reason})"
+    if lib is None:
+        return f"native CPU kernels: off ({_unavailable_reason})"
+    return "native CPU kernels: in use"
 
 
 def _p(tensor: torch.Tensor) -> int:
@@ -288,7 +291,8 @@ def gate_forward(logits: torch.Tensor, eps: Optional[torch.Tensor], k: int):
     eps = None if eps is None else eps.contiguous()
     T, E = logits.shape[0], logits.shape[1] // 2
     topk_idx = torch.empty(T, k, dtype=torch.int64)
-    topk_gates, noisy, scale = logits.new_empty(T, k), logits.new_empty(T, E), logits.new_empty(T, E)
+    topk_gates = logits.new_empty(T, k)
+    noisy, scale = logits.new_empty(T, E), logits.new_empty(T, E)
     importance, load = logits.new_empty(E), logits.new_empty(E)
     library().gate_forward(_p(logits), _p_or_none(eps), _p(topk_idx), _p(topk_gates), _p(noisy),
                            _p(scale), _p(importance), _p(load), T, E, k, torch.get_num_threads())
@@ -300,7 +304,8 @@ def gate_backward(logits, eps, topk_gates, grad_gates, grad_importance, grad_loa
     (topk_gates, importance, load); missing gradients are None."""
     T, k = topk_gates.shape
     grad_logits = torch.empty_like(logits)
-    grads = [None if g is None else g.contiguous() for g in (grad_gates, grad_importance, grad_load)]
+    grads = [None if g is None else g.contiguous()
+             for g in (grad_gates, grad_importance, grad_load)]
     library().gate_backward(_p(logits), _p_or_none(eps), _p(topk_gates), *map(_p_or_none, grads),
                             _p(grad_logits), T, logits.shape[1] // 2, k, torch.get_num_threads())
     return grad_logits

@@ -260,8 +260,9 @@ def test_gate_and_balancing_loss_match_pytorch_with_gradients(training, num_expe
 
     (routing, loss, grads), (ref, ref_loss, ref_grads) = run(True), run(False)
     assert torch.equal(routing.topk_idx, ref.topk_idx)
-    for got, want in [(routing.topk_gates, ref.topk_gates), (routing.noisy_logits, ref.noisy_logits),
-                      (routing.noise_scale, ref.noise_scale), (loss, ref_loss)]:
+    for got, want in [(routing.topk_gates, ref.topk_gates), (loss, ref_loss),
+                      (routing.noisy_logits, ref.noisy_logits),
+                      (routing.noise_scale, ref.noise_scale)]:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

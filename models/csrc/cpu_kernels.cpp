@@ -9,10 +9,11 @@
 // then the G key heads, then the G value heads. Query head h uses k/v group h % G, as in the
 // published model (its k/v were repeated with unsqueeze/repeat, which interleaves groups);
 // scores are scaled by `scale`. out and grad_out are (B, N, H * hd); out_t, when given,
-// receives out transposed (H * hd, B * N) for the weight gradient of the output projection. One task is one
-// (sample, group g) pair; its R * N query rows (R = H / G; row = r * N + i: token i, head
-// g + r * G) share the group's keys and values. probs (B * G, M, NP) keeps the forward softmax for the backward pass, rows padded
-// to M (a multiple of 4) and keys to NP (a multiple of 16) with zeros.
+// receives out transposed (H * hd, B * N) for the weight gradient of the output projection.
+// One task is one (sample, group g) pair; its R * N query rows (R = H / G; row = r * N + i:
+// token i, head g + r * G) share the group's keys and values. probs (B * G, M, NP) keeps the
+// forward softmax for the backward pass, rows padded to M (a multiple of 4) and keys to NP (a
+// multiple of 16); the padding holds finite values that the backward pass never uses.
 //
 // Expert mixing. pre (T, E + 1, dh) holds W_e x for the E experts followed by V x; idx and
 // gates (T, k) the routed experts and their gates. hidden = V x * sum_j gates_j silu(W_j x).
@@ -105,12 +106,6 @@ inline vf vexp(vf x) {
 inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 
 inline idx_t round_up(idx_t x, idx_t m) { return (x + m - 1) / m * m; }
-
-// Per-task geometry and local copies of one (sample, group) pair.
-struct Task {
-  idx_t N, NP, NB, M, hd, HV, C;
-  // rows of the task: row = r * N + i  ->  token i, query head g * R + r
-};
 
 // Copies rows of width hd from a strided source into (rows, HV * L) zero-padded vectors.
 inline void gather_rows(const float* src, idx_t stride, idx_t rows, idx_t hd, idx_t HV,
