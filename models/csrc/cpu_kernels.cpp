@@ -13,7 +13,8 @@
 // One task is one (sample, group g) pair; its R * N query rows (R = H / G; row = r * N + i:
 // token i, head g + r * G) share the group's keys and values. probs (B * G, M, NP) keeps the
 // forward softmax for the backward pass, rows padded to M (a multiple of 4) and keys to NP (a
-// multiple of 16); the padding holds finite values that the backward pass never uses.
+// multiple of 16); padded keys have probability 0, padded rows finite values that the
+// backward pass never uses.
 //
 // Expert mixing. pre (T, E + 1, dh) holds W_e x for the E experts followed by V x; idx and
 // gates (T, k) the routed experts and their gates. hidden = V x * sum_j gates_j silu(W_j x).
@@ -129,8 +130,12 @@ void attention_forward_impl(const float* qkv, float* out, float* out_t, float* p
 #pragma omp parallel num_threads(threads)
   {
     // zero-initialised once: tasks overwrite the same rows and columns and never the padding
-    std::vector<float> kt(hd * NP), v(NP * W), q(M * W), key_bias(NP), scratch(RB * NP);
-    for (idx_t j = 0; j < NP; ++j) key_bias[j] = j < N ? 0.0f : -1e30f;  // padded keys
+    std::vector<float> kt(hd * NP), v(NP * W), q(M * W), key_bias(NP), key_mask(NP),
+        scratch(RB * NP);
+    for (idx_t j = 0; j < NP; ++j) {  // padded keys: out of the max, and probability exactly 0
+      key_bias[j] = j < N ? 0.0f : -1e30f;  // (exp would leave ~1e-38, which is denormal and
+      key_mask[j] = j < N ? 1.0f : 0.0f;    // makes the backward pass's arithmetic slow)
+    }
 #pragma omp for schedule(static)
     for (idx_t task = 0; task < B * G; ++task) {
       const idx_t b = task / G, g = task % G;
@@ -161,7 +166,7 @@ void attention_forward_impl(const float* qkv, float* out, float* out_t, float* p
           const float row_max = hmax(m);
           vf sum = {};
           for (idx_t jb = 0; jb < NB; ++jb) {
-            const vf e = vexp(load(pr + jb * L) - row_max);
+            const vf e = vexp(load(pr + jb * L) - row_max) * load(key_mask.data() + jb * L);
             store(pr + jb * L, e);
             sum += e;
           }
