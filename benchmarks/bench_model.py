@@ -18,8 +18,9 @@ C++ compiler).
 Every workload (implementation x training/inference) runs in its own fresh process, on the
 same weights and the same rotating set of input batches (routing varies between batches, as
 with real data); a process times its calls after two untimed ones (steady state). Processes
-alternate over ``--rounds`` rounds and we report medians, so a noisy neighbour slows all
-workloads alike, and no implementation inherits another's freed memory or cache contents.
+alternate over ``--rounds`` rounds, the fast path and the oracle back to back, and we report
+medians over all rounds (and each round's ratio), so a noisy neighbour slows all workloads
+alike, and no implementation inherits another's freed memory or cache contents.
 
 Achieved GFLOP/s use the model's useful FLOPs (attention, a top-2 MoE with V and W2 once per
 token: :func:`model_flops`), not the extra work either implementation does, against the best
@@ -92,14 +93,17 @@ def make_batches(n: int, count: int, seed: int):
              [torch.randn(n, 2, generator=g) for _ in range(4)]) for _ in range(count)]
 
 
-WORKLOADS = {  # name: (training?, implementation, chunk size of inference)
+# name: (training?, implementation, chunk size of inference). Each round runs them in this
+# order: the fast path and the oracle back to back, so the two sides of each ratio see the
+# same background load.
+WORKLOADS = {
     "train_fast": (True, "fast", None),
-    "train_fast_torch_ops": (True, "fast_torch_ops", None),
     "train_oracle": (True, "oracle", None),
+    "train_fast_torch_ops": (True, "fast_torch_ops", None),
     "infer_fast": (False, "fast", None),
+    "infer_oracle": (False, "oracle", 256),
     "infer_fast_torch_ops": (False, "fast_torch_ops", None),
     "infer_fast_unchunked": (False, "fast", 256),
-    "infer_oracle": (False, "oracle", 256),
     "infer_oracle_chunked": (False, "oracle", 128),
 }
 
@@ -158,12 +162,18 @@ def main(argv=None):
 
     rounds = 1 if args.quick else args.rounds
     seconds = {name: [] for name in WORKLOADS}
+    round_ratios = {"training": [], "inference": []}
     for _ in range(rounds):
+        this_round = {}
         for name, (training, _, _) in WORKLOADS.items():
             calls = (2 if args.quick else 8) if training else (1 if args.quick else 3)
             result = subprocess.run([sys.executable, __file__, "--worker", name, "--calls",
                                      str(calls)], check=True, capture_output=True, text=True)
-            seconds[name] += json.loads(result.stdout.splitlines()[-1])
+            this_round[name] = json.loads(result.stdout.splitlines()[-1])
+            seconds[name] += this_round[name]
+        for kind, prefix in (("training", "train"), ("inference", "infer")):
+            round_ratios[kind].append(statistics.median(this_round[f"{prefix}_oracle"])
+                                      / statistics.median(this_round[f"{prefix}_fast"]))
     speed = {name: (64 if WORKLOADS[name][0] else 256) / statistics.median(values)
              for name, values in seconds.items()}
 
@@ -212,10 +222,12 @@ def main(argv=None):
           f"{ratios['inference_both_chunked']:.2f}x)")
     print(f"fast path on PyTorch ops only / oracle: training {ratios['training_torch_ops']:.2f}x,"
           f" inference {ratios['inference_torch_ops']:.2f}x")
+    for kind, values in round_ratios.items():
+        print(f"fast / oracle per round ({kind}): " + ", ".join(f"{v:.2f}x" for v in values))
     if args.json:
         args.json.write_text(json.dumps({"images_per_second": speed, "seconds": seconds,
-                                         "ratios": ratios, "matmul_peak_gflops": peaks},
-                                        indent=2))
+                                         "ratios": ratios, "round_ratios": round_ratios,
+                                         "matmul_peak_gflops": peaks}, indent=2))
 
 
 if __name__ == "__main__":
