@@ -401,6 +401,11 @@ class GroupedQueryAttention(nn.Module):
 # ------------------------------------------------------------------------------ encoder
 
 
+def plain_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> Tuple[torch.Tensor, None]:
+    """The reference path's norm, with the signature of :func:`models.fast_ops.layer_norm`."""
+    return norm(x), None
+
+
 class MoETransformerEncoderLayer(nn.Module):
     """Pre-norm block: ``x = x + attn(norm1(x)); x = x + moe(norm2(x))``."""
 
@@ -415,13 +420,10 @@ class MoETransformerEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, with_loss: bool = True
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x: (B, N, m) -> (x (B, N, m), auxiliary loss or None, see :meth:`MoELayer.forward`)."""
-        if self.attn.use_reference:
-            x = x + self.attn(self.norm1(x))
-            moe_out, aux_loss = self.moe(self.norm2(x), with_loss=with_loss)
-            return x + moe_out, aux_loss
         # the fast norms also hand their output transposed to the next layers' weight gradients
-        x = x + self.attn(*fast_ops.layer_norm(x, self.norm1))
-        moe_out, aux_loss = self.moe(*fast_ops.layer_norm(x, self.norm2), with_loss=with_loss)
+        norm = plain_layer_norm if self.attn.use_reference else fast_ops.layer_norm
+        x = x + self.attn(*norm(x, self.norm1))
+        moe_out, aux_loss = self.moe(*norm(x, self.norm2), with_loss=with_loss)
         return x + moe_out, aux_loss
 
 
