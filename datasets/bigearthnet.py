@@ -2,8 +2,17 @@
 
 Layout of ``root_dir``::
 
-    images/<patch>.tif                    7 bands (SR_B1..SR_B7), uint16, UTM CRS, 41..45 px a side
+    images/<patch>.tif                    7 bands (SR_B1..SR_B7), uint16, UTM CRS, about 41..45 px a side
     labels/<patch>_labels_metadata.json   BigEarthNet-S2 v1 label file (43-class names in "labels")
+
+Label files are read only for supervised items: pretraining, reconstruction and unsupervised
+embeddings need the image alone (the real data has patches without a label file).
+
+Every image is checked where it is read, and a bad one is an error naming the patch and the
+file: the data type must be uint16 (the digital numbers BEN-L publishes; a float, uint8 or
+int16 tile is a different product, and uint16 cannot hold NaN or inf), 7 bands, and at least
+``chip_size`` (the model's input, 40) and at most ``max_chip_size`` (64) pixels a side: a
+300x300 tile is not a BEN-L chip, and silently cropping its centre would hide that.
 
 Each item is ``(img, target, meta_week, meta_hour, meta_lat, meta_lon)`` as in the published
 loader:
@@ -61,6 +70,9 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 Item = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 NUM_BANDS = len(BigEarthNetInfo.BAND_NAMES)
+CHIP_DTYPE = "uint16"
+CHIP_SIZE = 40      # the model's input: smaller chips cannot be centre-cropped to it
+MAX_CHIP_SIZE = 64  # published chips are 41..52 px a side; larger ones are not BEN-L chips
 CLASS_INDEX_43 = {name: index for index, name in enumerate(BigEarthNetInfo.CLASSES[43])}
 WGS84 = CRS.from_epsg(4326)
 
@@ -102,22 +114,48 @@ def read_split_csv(csv_file: PathLike, image_names: Optional[set] = None) -> Lis
             rows = rows[1:]
     if not rows:
         raise UserInputError(f"{csv_file}: no patch names (the split CSV is empty)")
+    first_line: Dict[str, int] = {}
+    for line_number, row in rows:
+        seen = first_line.setdefault(row[0], line_number)
+        if seen != line_number:  # it would be counted twice in every epoch and metric
+            raise UserInputError(f"{csv_file}: patch {row[0]} is listed twice (lines {seen} and "
+                                 f"{line_number}); a split lists each patch once")
     return [row[0] for _, row in rows]
 
 
-def read_chip(patch: str, image_path: Path, with_centre: bool = True
+def check_chip(patch: str, image_path: Path, dtypes: Sequence[str], count: int, height: int,
+               width: int, chip_size: int = CHIP_SIZE,
+               max_chip_size: int = MAX_CHIP_SIZE) -> None:
+    """A BEN-L chip's data type, band count and size (see the module docstring)."""
+    where = f"patch {patch}: image {image_path}"
+    if count != NUM_BANDS:
+        raise UserInputError(f"{where} has {count} bands, expected {NUM_BANDS} "
+                             f"({', '.join(BigEarthNetInfo.BAND_NAMES)})")
+    bad_types = sorted(set(dtypes) - {CHIP_DTYPE})
+    if bad_types:
+        raise UserInputError(f"{where} is {', '.join(bad_types)}, expected {CHIP_DTYPE} (the "
+                             f"digital numbers BEN-L publishes)")
+    if min(height, width) < chip_size:
+        raise UserInputError(f"{where} is {height}x{width} pixels, smaller than the "
+                             f"{chip_size}x{chip_size} model input")
+    if max(height, width) > max_chip_size:
+        raise UserInputError(f"{where} is {height}x{width} pixels, larger than "
+                             f"max_chip_size {max_chip_size} (BEN-L chips are about 41..45 px a side; "
+                             f"raise max_chip_size to centre-crop larger tiles)")
+
+
+def read_chip(patch: str, image_path: Path, with_centre: bool = True,
+              chip_size: int = CHIP_SIZE, max_chip_size: int = MAX_CHIP_SIZE
               ) -> Tuple[np.ndarray, Optional[Tuple[CRS, float, float]]]:
     """Pixels (7, H, W) uint16 and, if ``with_centre``, (CRS, x, y) of the chip's centre.
 
-    One open of the file. Unreadable, truncated or non-7-band files raise UserInputError naming
-    the patch and the file.
+    One open of the file. Unreadable or truncated files and chips that :func:`check_chip`
+    refuses raise UserInputError naming the patch and the file.
     """
     try:
         with rasterio.Env(**GDAL_READ_OPTIONS), rasterio.open(image_path) as src:
-            if src.count != NUM_BANDS:
-                bands = ", ".join(BigEarthNetInfo.BAND_NAMES)
-                raise UserInputError(f"patch {patch}: image {image_path} has {src.count} bands, "
-                                     f"expected {NUM_BANDS} ({bands})")
+            check_chip(patch, image_path, src.dtypes, src.count, src.height, src.width,
+                       chip_size, max_chip_size)
             pixels = src.read()
             centre = None
             if with_centre:
@@ -186,19 +224,32 @@ class BigEarthNetDatasetLS(Dataset):
         csv_file: split CSV (patch names; header row or none; one or two columns).
         root_dir: folder with ``images/`` and ``labels/``.
         transform: applied to the (7, H, W) uint16 tensor.
-        supervised: return multi-hot targets (else an empty tensor).
+        supervised: return multi-hot targets (else an empty tensor); only then is a label
+            file needed.
         num_classes: 19 (mapped with ``BigEarthNetInfo.MATCH_LABELS``) or 43.
         legacy_hour: reproduce the published hour encoding (first digit of the hour only).
-        skip_invalid: drop patches whose image or label file is missing, with one warning,
-            instead of raising. Checked at construction from the folder listings (the label file
-            is required even when not ``supervised``: a patch without one is incomplete); an
-            image that exists but cannot be read still raises when its item is loaded.
+        skip_invalid: drop patches whose image file (or, when ``supervised``, label file) is
+            missing, with one warning, instead of raising. Checked at construction from the
+            folder listings; an image that exists but is unreadable or not a valid chip is
+            always an error when its item is loaded (it needs fixing, and dropping items in the
+            middle of an epoch would change the epoch and break exact resumption).
+        chip_size, max_chip_size: the accepted chip sizes (module docstring).
+        allow_unlabelled: with ``supervised``, a patch without a label file gets an all-zero
+            target instead of being an error (for statistics per class, which such a chip
+            joins no class of; never for training or evaluating a probe). Its ids are in
+            ``unlabelled``.
     """
 
     def __init__(self, csv_file: PathLike, root_dir: PathLike,
                  transform: Optional[Transform] = None, supervised: bool = False,
-                 num_classes: int = 19, legacy_hour: bool = False, skip_invalid: bool = False):
+                 num_classes: int = 19, legacy_hour: bool = False, skip_invalid: bool = False,
+                 chip_size: int = CHIP_SIZE, max_chip_size: int = MAX_CHIP_SIZE,
+                 allow_unlabelled: bool = False):
         check_num_classes(num_classes)
+        if chip_size > max_chip_size:
+            raise UserInputError(f"max_chip_size {max_chip_size} is smaller than the chip size "
+                                 f"{chip_size}")
+        self.chip_size, self.max_chip_size = chip_size, max_chip_size
         self.csv_file = Path(csv_file)
         self.root_dir = Path(root_dir)
         self.images_dir = self.root_dir / "images"
@@ -209,8 +260,12 @@ class BigEarthNetDatasetLS(Dataset):
         self.legacy_hour = legacy_hour
 
         image_names = self._list_folder(self.images_dir)
-        label_names = self._list_folder(self.labels_dir)
+        label_names = self._list_folder(self.labels_dir) if supervised else set()
         names = read_split_csv(self.csv_file, image_names)
+        self.unlabelled: set = set()
+        if supervised and allow_unlabelled:
+            self.unlabelled = {name for name in names
+                               if f"{name}_labels_metadata.json" not in label_names}
         self.patch_ids = self._valid_patches(names, image_names, label_names, skip_invalid)
         self._metadata = np.zeros((len(self.patch_ids), 4, 2), dtype=np.float32)
         self._metadata[:, :2] = self._encode_times()
@@ -231,7 +286,8 @@ class BigEarthNetDatasetLS(Dataset):
         for name in names:
             if f"{name}.tif" not in image_names:
                 problems.append((name, f"image file {self.image_path(name)} does not exist"))
-            elif f"{name}_labels_metadata.json" not in label_names:
+            elif (self.supervised and name not in self.unlabelled
+                  and f"{name}_labels_metadata.json" not in label_names):
                 problems.append((name, f"label file {self.label_path(name)} does not exist"))
         if not problems:
             return names
@@ -242,13 +298,14 @@ class BigEarthNetDatasetLS(Dataset):
                                  f"(pass skip_invalid=True to skip such patches)")
         invalid = {name for name, _ in problems}
         kept = [name for name in names if name not in invalid]
+        needed = "an image and a label file" if self.supervised else "an image file"
         if not kept:
-            raise UserInputError(f"{self.csv_file}: none of its {len(names)} patches has both an "
-                                 f"image and a label file under {self.root_dir}")
+            raise UserInputError(f"{self.csv_file}: none of its {len(names)} patches has "
+                                 f"{needed} under {self.root_dir}")
         examples = ", ".join(name for name, _ in problems[:5])
         examples += ", ..." if len(problems) > 5 else ""
-        warnings.warn(f"{self.csv_file}: skipped {len(problems)} of {len(names)} patches with a "
-                      f"missing image or label file: {examples}", stacklevel=3)
+        warnings.warn(f"{self.csv_file}: skipped {len(problems)} of {len(names)} patches "
+                      f"without {needed}: {examples}", stacklevel=3)
         return kept
 
     def _encode_times(self) -> List[Tuple[Tuple[float, float], Tuple[float, float]]]:
@@ -271,7 +328,8 @@ class BigEarthNetDatasetLS(Dataset):
     def __getitem__(self, index: int) -> Item:
         patch = self.patch_ids[index]
         has_position = self._has_position[index]
-        pixels, centre = read_chip(patch, self.image_path(patch), with_centre=not has_position)
+        pixels, centre = read_chip(patch, self.image_path(patch), not has_position,
+                                   self.chip_size, self.max_chip_size)
         if not has_position:
             crs, x, y = centre
             lats, lons = centres_to_latlon(crs, [x], [y])
@@ -289,7 +347,9 @@ class BigEarthNetDatasetLS(Dataset):
     def target(self, patch: str) -> torch.Tensor:
         """Multi-hot long tensor (num_classes,) of a patch's labels."""
         indices = self._label_cache.get(patch)
-        if indices is None:
+        if indices is None and patch in self.unlabelled:
+            indices = []
+        elif indices is None:
             indices = read_label_indices(patch, self.label_path(patch))
             if self.num_classes == 19:
                 indices = to_19_classes(indices)
@@ -302,9 +362,12 @@ class BigEarthNetDatasetLS(Dataset):
         """The chip as RGB (SR_B4, SR_B3, SR_B2, 2-98 percentile stretch) with its 43-class
         labels; saved as a PNG when ``path`` is given."""
         patch = self.patch_ids[index]
-        pixels, _ = read_chip(patch, self.image_path(patch), with_centre=False)
+        pixels, _ = read_chip(patch, self.image_path(patch), False, self.chip_size,
+                              self.max_chip_size)
         rgb = rgb_bands(pixels)
-        labels = read_label_names(patch, self.label_path(patch))
+        label_path = self.label_path(patch)
+        labels = read_label_names(patch, label_path) if label_path.is_file() \
+            else ["(no label file)"]
         fig = Figure(figsize=(4.5, 5.2))
         ax = fig.add_subplot(1, 1, 1)
         ax.imshow(stretch(rgb, stretch_limits(rgb)), interpolation="nearest")

@@ -11,6 +11,12 @@ dropped), (7, H, W) uint16 passed through ``transform`` (for the model:
 ``Compose([ToFloat(), Resize(40), ZScoreNormalize(EuroSATInfo mean, std)])``); ``target`` the
 class index (int), or a one-hot float32 (num_classes,) tensor with ``return_one_hot``.
 EuroSAT-L has no metadata, so the model sees none.
+
+Chips are checked where they are read, as BEN-L chips are: uint16 (the Landsat Collection 2
+digital numbers that EuroSAT-L's files hold, copied from the source scenes' profile), 8 bands,
+and between ``MIN_CHIP_SIZE`` (20, the size EuroSAT-L was built with) and ``max_chip_size``
+(64) pixels a side; anything else is an error naming the file. An entry listed twice in a
+split file is an error too (it would count twice in every metric).
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ Chip = Tuple[Path, int]  # file, class index
 
 NUM_FILE_BANDS = len(EuroSATInfo.BAND_NAMES)  # 8, the last one thermal
 NUM_BANDS = NUM_FILE_BANDS - 1
+CHIP_DTYPE = "uint16"
+MIN_CHIP_SIZE = 20  # EuroSAT-L kept scenes whose chip is at least 20x20 pixels
+MAX_CHIP_SIZE = 64
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 EXAMPLES_SHOWN = 5
 
@@ -57,11 +66,13 @@ class EuroSATDatasetLS(Dataset):
         return_one_hot: target as a one-hot float32 tensor instead of an int.
         strict: an entry that matches no chip raises UserInputError (listing a few); with
             ``strict=False`` such entries are dropped with one warning.
+        max_chip_size: larger chips are errors (module docstring).
     """
 
     def __init__(self, root_dir: PathLike, split_file: PathLike,
                  transform: Optional[Transform] = None, return_one_hot: bool = False,
-                 strict: bool = True):
+                 strict: bool = True, max_chip_size: int = MAX_CHIP_SIZE):
+        self.max_chip_size = max_chip_size
         self.root_dir = Path(root_dir)
         self.split_file = Path(split_file)
         self.transform = transform
@@ -109,6 +120,13 @@ class EuroSATDatasetLS(Dataset):
         if not entries:
             raise UserInputError(f"{self.split_file}: the split file lists no chips")
 
+        first_line: Dict[str, int] = {}
+        for number, entry in enumerate(entries, start=1):
+            key = "/".join(filter(None, _entry_key(entry)))
+            seen = first_line.setdefault(key, number)
+            if seen != number:
+                raise UserInputError(f"{self.split_file}: {entry!r} is listed twice (entries "
+                                     f"{seen} and {number}); a split lists each chip once")
         samples, unmatched = [], []
         for entry in entries:
             folder, stem = _entry_key(entry)
@@ -136,6 +154,20 @@ class EuroSATDatasetLS(Dataset):
             warnings.warn(message + " (skipped)", stacklevel=3)
         return samples
 
+    def _check_chip(self, path: Path, src) -> None:
+        if src.count != NUM_FILE_BANDS:
+            raise UserInputError(f"{path}: {src.count} bands, expected {NUM_FILE_BANDS} "
+                                 f"({', '.join(EuroSATInfo.BAND_NAMES)})")
+        bad_types = sorted(set(src.dtypes) - {CHIP_DTYPE})
+        if bad_types:
+            raise UserInputError(f"{path}: {', '.join(bad_types)} pixels, expected {CHIP_DTYPE} "
+                                 f"(the digital numbers EuroSAT-L publishes)")
+        if min(src.height, src.width) < MIN_CHIP_SIZE or \
+                max(src.height, src.width) > self.max_chip_size:
+            raise UserInputError(f"{path}: {src.height}x{src.width} pixels, expected "
+                                 f"{MIN_CHIP_SIZE} to {self.max_chip_size} a side (EuroSAT-L "
+                                 f"chips are about 22x22)")
+
     @property
     def classes(self) -> List[str]:
         return list(self._classes)
@@ -156,9 +188,7 @@ class EuroSATDatasetLS(Dataset):
         path, class_index = self.samples[index]
         try:
             with rasterio.Env(**GDAL_READ_OPTIONS), rasterio.open(path) as src:
-                if src.count != NUM_FILE_BANDS:
-                    raise UserInputError(f"{path}: {src.count} bands, expected {NUM_FILE_BANDS} "
-                                         f"({', '.join(EuroSATInfo.BAND_NAMES)})")
+                self._check_chip(path, src)
                 pixels = src.read(indexes=list(range(1, NUM_BANDS + 1)))
         except RasterioError as exc:
             raise UserInputError(f"{path}: cannot read the EuroSAT-L chip: "

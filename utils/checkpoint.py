@@ -107,7 +107,20 @@ def apply_weights(model: nn.Module, checkpoint: Mapping, path="checkpoint",
     if problems:
         raise UserInputError(f"{path}: weights do not fit this model (wrong model size?): "
                              + "; ".join(problems))
+    check_finite_weights(state, path)
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=strict)
+
+
+def check_finite_weights(state: Mapping[str, torch.Tensor], path="checkpoint") -> None:
+    """Every floating-point tensor of a state_dict is finite: a checkpoint holding NaN or inf
+    (a diverged run's, a damaged file) is an error naming the file and a few tensors, instead
+    of NaN metrics, embeddings and figures downstream."""
+    bad = [key for key, value in state.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point()
+           and not torch.isfinite(value).all()]
+    if bad:
+        raise UserInputError(f"{path}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. "
+                             f"{', '.join(bad[:3])}); the checkpoint is unusable")
 
 
 def load_pretrained(model_config: Mapping, device="cpu") -> MOEMAE:

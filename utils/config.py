@@ -2,7 +2,9 @@
 
 A schema maps section -> key -> :class:`Field`. :func:`load_config` reads the YAML file,
 applies ``--set section.key=value`` overrides (values parsed as YAML), and checks everything
-up front: unknown sections or keys, wrong types, values out of range, missing input files.
+up front: unknown sections or keys, a key given twice in the file (YAML would silently keep the
+last), wrong types, values out of range (every integer also fits in 64 bits), missing input
+files.
 Each problem raises :class:`~utils.errors.UserInputError` with one line naming the key (and
 the value or path), so scripts exit with status 2 before loading any data. The result is a
 plain nested dict with every default filled in; :func:`dump_config` writes it as YAML beside
@@ -24,6 +26,10 @@ from models.moe_mae import MODEL_SIZES
 from utils.errors import UserInputError
 
 REQUIRED = object()  # Field default: the key must be given
+MAX_SEED = 2 ** 32 - 1  # what NumPy's legacy seeding and scikit-learn's random_state accept
+_INT64 = 2 ** 63
+# the bands of BEN-L and of EuroSAT-L without its thermal band (datasets read 7 bands)
+DATA_BANDS = 7
 
 
 @dataclass(frozen=True)
@@ -65,13 +71,35 @@ def fraction(value):  # (0, 1]
     return None if 0 < value <= 1 else "must be in (0, 1]"
 
 
+def seed_range(value):
+    return None if 0 <= value <= MAX_SEED else f"must be in [0, {MAX_SEED}]"
+
+
+def data_bands(value):
+    return None if value == DATA_BANDS else \
+        f"must be {DATA_BANDS} (the bands SR_B1..SR_B7 the datasets read)"
+
+
+def check_range(option: str, value, minimum=None, maximum=None) -> None:
+    """A command-line number within [minimum, maximum] (either may be None), else a one-line
+    UserInputError naming the option."""
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        low = "-inf" if minimum is None else minimum
+        high = "inf" if maximum is None else maximum
+        raise UserInputError(f"{option} must be in [{low}, {high}], got {value}")
+
+
+def check_seed(option: str, value: int) -> None:
+    check_range(option, value, 0, MAX_SEED)
+
+
 def model_fields(**extra: Field) -> Dict[str, Field]:
     """The ``model`` section of every config: the published architecture keys, plus ``extra``."""
     return {
         "size": Field("str", "S", choices=tuple(MODEL_SIZES)),
         "img_size": Field("int", 40, check=positive),
         "patch_size": Field("int", 4, check=positive),
-        "in_channels": Field("int", 7, check=positive),
+        "in_channels": Field("int", DATA_BANDS, check=data_bands),
         **extra,
     }
 
@@ -82,15 +110,46 @@ def load_config(path, schema: Schema, overrides: Sequence[str] = ()) -> Dict[str
     if not path.is_file():
         raise UserInputError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"{path}: not a UTF-8 text file (byte {exc.start}: "
+                             f"{exc.reason})") from None
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read the config ({exc.strerror})") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise UserInputError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    except _DuplicateKey as exc:
+        raise UserInputError(f"{path}: {exc}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UserInputError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     for override in overrides:
         _apply_override(raw, override)
     return validate(raw, schema, source=str(path))
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(f"key '{key}' is given twice (lines {seen[key]} and "
+                                        f"{line}); YAML would keep the last one silently")
+                seen[key] = line
+            except TypeError:  # an unhashable key: PyYAML reports it
+                continue
+        return super().construct_mapping(node, deep)
 
 
 def validate(raw: Mapping, schema: Schema, source: str = "config") -> Dict[str, Dict[str, Any]]:
@@ -152,6 +211,9 @@ def _coerce(name: str, value: Any, kind: str, source: str) -> Any:
         raise wrong()
     if kind == "int":
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -_INT64 <= value < _INT64:
+                raise UserInputError(f"{source}: '{name}' is out of range (more than 64 bits), "
+                                     f"got {value}")
             return value
         raise wrong()
     if kind == "float":

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import signal
+import sys
 from datetime import timedelta
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 
 from utils.errors import UserInputError
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+T = TypeVar("T")
 
 
 class Distributed(NamedTuple):
@@ -28,11 +34,48 @@ def setup_distributed() -> Distributed:
     """One process, or the process group that torchrun describes in WORLD_SIZE, RANK and
     LOCAL_RANK (NCCL on GPUs, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if "TORCHELASTIC_RUN_ID" in os.environ or world_size > 1:
+        stop_with_launcher()
     if world_size == 1:
         return Distributed(0, 1, 0)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     torch_dist.init_process_group(backend, timeout=timedelta(minutes=30))
     return Distributed(torch_dist.get_rank(), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def stop_with_launcher() -> None:
+    """Let the kernel kill this process (SIGKILL) when its parent, the ``torchrun`` launcher,
+    dies: otherwise killing the launcher leaves its workers training (Linux only; elsewhere a
+    no-op). If the launcher is already gone, exit at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os._exit(1)
+
+
+def run_on_main(dist: Distributed, action: Callable[[], T]) -> Optional[T]:
+    """``action()`` on process 0 only (None elsewhere). A UserInputError there is raised on
+    every process with the same message, so that no process waits for a peer that stopped."""
+    result, error = None, None
+    if dist.is_main:
+        try:
+            result = action()
+        except UserInputError as exc:
+            error = exc
+    if dist.world_size > 1:
+        message = [None if error is None else str(error)]
+        torch_dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            error = UserInputError(message[0])
+    if error is not None:
+        raise error
+    return result
 
 
 def teardown_distributed(dist: Distributed) -> None:
@@ -74,6 +117,10 @@ def autocast_dtype(device: torch.device, mode: str) -> Optional[torch.dtype]:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (configs keep seeds in [0, 2**32 - 1], see
+    ``utils.config.seed_range``; a process adds its rank)."""
+    if seed < 0:
+        raise UserInputError(f"seed must be >= 0, got {seed}")
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
