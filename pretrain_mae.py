@@ -17,6 +17,20 @@ plus ``expert_usage_{size}.csv``, ``training_curves_{size}.png`` and the resolve
 ``checkpoint_{size}.pth``): same learning rate at the same step, the remaining epochs only;
 checkpoints of the published code (model, optimizer, scaler, epoch, best loss) resume too.
 A non-finite loss stops the run at once (exit status 1), keeping the last good checkpoint.
+
+One run per folder: the run holds an exclusive lock on ``training.weight_path/.run.lock`` for
+its whole life (a second run into the folder exits 2 naming the holder's pid), and a fresh run
+into a folder that holds an earlier run's checkpoints or metrics exits 2 unless ``--resume``
+continues it or ``--overwrite`` removes it first. Temporary files that killed runs left behind
+are removed at the next start.
+
+Crash consistency: after each epoch the metrics CSVs and the curves are written first, then
+``last`` (the commit record: the epoch is done once ``last`` holds it), then ``best`` and the
+periodic checkpoint as copies of ``last``. A kill at any instant leaves every file at the last
+committed epoch k, or the CSVs one epoch ahead (``--resume`` drops those rows and redoes the
+epoch), or ``best``/periodic one epoch behind (``--resume`` copies ``last`` onto them, since
+they are ``last`` of epoch k). Resumed runs reproduce the uninterrupted one bit for bit: every
+random stream of every process is restored, and nothing else draws from them.
 """
 
 from __future__ import annotations
@@ -28,7 +42,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -37,18 +51,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from datasets.builders import FORMATS, build_bigearthnet, is_packed
+from datasets.bigearthnet import MAX_CHIP_SIZE
+from datasets.builders import FORMATS, build_bigearthnet, check_split_source
 from models.moe_mae import MAEObjective, build_mae
 from scheduler.schedulers import WarmupCosineLR
 from utils.analysis_utils import RoutingCounter
 from utils.checkpoint import (FORMAT_VERSION, apply_weights, load_checkpoint, rng_state,
                               set_rng_state)
 from utils.config import (Field, config_arguments, dump_config, fraction, load_config,
-                          model_fields, non_negative, positive, unit_interval_open)
+                          model_fields, non_negative, positive, seed_range, unit_interval_open)
 from utils.errors import UserInputError, run_cli
-from utils.files import atomic_path, torch_save, write_csv, write_text
-from utils.runtime import (Distributed, autocast_dtype, seed_everything, seed_worker,
-                           select_device, setup_distributed, teardown_distributed)
+from utils.files import (FolderLock, atomic_path, check_output_dir, copy_file,
+                         remove_stale_temporaries, torch_save, write_csv, write_text)
+from utils.runtime import (Distributed, autocast_dtype, run_on_main, seed_everything,
+                           seed_worker, select_device, setup_distributed, teardown_distributed)
 
 SCHEMA = {
     "model": model_fields(mask_ratio=Field("float", 0.75, check=unit_interval_open)),
@@ -75,11 +91,13 @@ SCHEMA = {
         "grad_clip": Field("float", 1.0, nullable=True, check=positive),
         "loss_unmasked_weight": Field("float", 0.1, check=non_negative),
         "loss_moe_weight": Field("float", 0.5, check=non_negative),
-        "seed": Field("int", 0),
+        "seed": Field("int", 0, check=seed_range),
         "device": Field("str", "auto"),
         "mixed_precision": Field("str", "auto", choices=("auto", "bf16", "fp16", "none")),
         "legacy_hour": Field("bool", False),
-        "skip_invalid": Field("bool", False),
+        "skip_invalid": Field("bool", False, help="skip patches whose image file is missing"),
+        "max_chip_size": Field("int", MAX_CHIP_SIZE, check=positive,
+                               help="larger chips are errors (not silently cropped)"),
         "collapse_threshold": Field("float", 0.9, check=fraction),
     },
 }
@@ -91,6 +109,13 @@ USAGE_COLUMNS = ["epoch", "layer", "expert", "top1_share", "topk_share"]
 
 class NonFiniteLoss(Exception):
     pass
+
+
+LOCK_FILE = ".run.lock"
+# what makes a folder hold a run (any model size); the config alone does not (a run killed in
+# its first epoch leaves only that, and may simply be started again)
+RUN_OUTPUTS = ("pretrained_*_best.pth", "pretrained_*_last.pth", "checkpoint_*.pth",
+               "training_metrics_*.csv", "expert_usage_*.csv", "training_curves_*.png")
 
 
 class RunFiles(NamedTuple):
@@ -109,6 +134,10 @@ class RunFiles(NamedTuple):
                    folder / f"expert_usage_{size}.csv", folder / f"training_curves_{size}.png",
                    folder / f"config_{size}.yaml")
 
+    @property
+    def folder(self) -> Path:
+        return self.last.parent
+
 
 # --------------------------------------------------------------------------- set-up
 
@@ -117,25 +146,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = config_arguments("Pretrain the MoE-MAE.")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint in training.weight_path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="remove an earlier run's checkpoints and metrics in "
+                             "training.weight_path and start afresh")
     return parser.parse_args(argv)
 
 
-def validate(config: dict) -> None:
-    """Rules that involve several keys."""
+def validate(config: dict, resume_run: bool = False, overwrite: bool = False) -> None:
+    """Rules that involve several keys or flags; the output folder can be written."""
     model, training = config["model"], config["training"]
+    if resume_run and overwrite:
+        raise UserInputError("--resume continues the run in training.weight_path, --overwrite "
+                             "replaces it: give one of them")
     if model["img_size"] % model["patch_size"]:
         raise UserInputError(f"model.img_size {model['img_size']} is not a multiple of "
                              f"model.patch_size {model['patch_size']}")
     for prefix in ("", "val_"):
         path, csv_file = training[f"{prefix}dataset_path"], training[f"{prefix}dataset_csv"]
-        packed = training["dataset_format"] == "packed" or (
-            training["dataset_format"] == "auto" and path and is_packed(path))
-        if path and not packed and not csv_file:
-            raise UserInputError(f"training.{prefix}dataset_csv is required for the raw dataset "
-                                 f"at {path}")
         if csv_file and not path:
             raise UserInputError(f"training.{prefix}dataset_csv given without "
                                  f"training.{prefix}dataset_path")
+        if path:
+            check_split_source(path, csv_file, training["dataset_format"],
+                               f"training.{prefix}dataset_path", f"training.{prefix}dataset_csv")
+    check_output_dir(training["weight_path"], "training.weight_path")
+
+
+def claim_folder(files: RunFiles, resume_run: bool, overwrite: bool) -> FolderLock:
+    """Lock the run folder for this run's life, remove what killed runs left half-written, and
+    refuse (or with ``overwrite`` remove) an earlier run's outputs unless resuming."""
+    lock = FolderLock(files.folder, LOCK_FILE, what="training.weight_path").acquire()
+    try:
+        stale = remove_stale_temporaries(files.folder, [path.name for path in files])
+        if stale:
+            print(f"removed {len(stale)} temporary file(s) that an interrupted run left in "
+                  f"{files.folder}")
+        earlier = sorted({path for pattern in RUN_OUTPUTS for path in files.folder.glob(pattern)
+                          if path.is_file()})
+        if earlier and not resume_run:
+            names = ", ".join(path.name for path in earlier[:4])
+            names += ", ..." if len(earlier) > 4 else ""
+            if not overwrite:
+                raise UserInputError(
+                    f"training.weight_path {files.folder} holds an earlier run ({names}): pass "
+                    f"--resume to continue it, --overwrite to replace it, or choose another "
+                    f"folder")
+            for path in earlier:
+                path.unlink()
+            print(f"--overwrite: removed the earlier run's {len(earlier)} file(s) in "
+                  f"{files.folder} ({names})")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def build_loader(dataset, batch_size: int, num_workers: int, dist: Distributed, device,
@@ -237,7 +300,7 @@ def gather_rng_states(dist: Distributed) -> List[dict]:
 
 
 def checkpoint_dict(mae, optimizer, scaler, epoch, steps_per_epoch, best_loss, best_metric,
-                    best_train_loss, rng_states, config, dist) -> dict:
+                    best_epoch, best_train_loss, rng_states, config, dist) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "epoch": epoch,  # last completed epoch (0-based), as published
@@ -249,6 +312,7 @@ def checkpoint_dict(mae, optimizer, scaler, epoch, steps_per_epoch, best_loss, b
         "scaler_state": scaler.state_dict(),
         "best_loss": best_loss,
         "best_metric": best_metric,
+        "best_epoch": best_epoch,  # the epoch whose checkpoint pretrained_{size}_best.pth is
         "best_train_loss": best_train_loss,
         "rng_state": rng_states,
         "config": config,
@@ -259,6 +323,8 @@ class ResumeState(NamedTuple):
     start_epoch: int
     best_loss: float
     best_train_loss: float
+    best_epoch: Optional[int] = None
+    source: Optional[Path] = None  # the checkpoint resumed from
 
 
 def resume(files: RunFiles, mae, optimizer, scaler, steps_per_epoch: int,
@@ -294,9 +360,38 @@ def resume(files: RunFiles, mae, optimizer, scaler, steps_per_epoch: int,
               f"{dist.world_size} process(es); continuing with fresh seeds")
     best_train = float(checkpoint.get("best_train_loss", math.inf))
     best = float(checkpoint.get("best_loss", best_train))
+    best_epoch = checkpoint.get("best_epoch")
     if dist.is_main:
         print(f"resumed from {path} after epoch {checkpoint['epoch'] + 1}")
-    return ResumeState(int(checkpoint["epoch"]) + 1, best, best_train)
+    return ResumeState(int(checkpoint["epoch"]) + 1, best, best_train,
+                       None if best_epoch is None else int(best_epoch), path)
+
+
+def checkpoint_epoch(path: Path) -> Optional[int]:
+    """The ``epoch`` of a checkpoint file (memory-mapped, so cheap), None if unreadable."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:  # missing, not a checkpoint, no epoch
+        return None
+
+
+def finish_interrupted_epoch(files: RunFiles, state: ResumeState, save_every: int) -> None:
+    """Bring ``best`` and the periodic checkpoint up to the committed ``last`` when a kill fell
+    between the write of ``last`` and their copies (see the module docstring)."""
+    if state.source != files.last:
+        return
+    epoch = state.start_epoch - 1
+    if state.best_epoch == epoch and checkpoint_epoch(files.best) != epoch:
+        copy_file(files.last, files.best)
+        print(f"completed the interrupted epoch {epoch + 1}: {files.best.name} from "
+              f"{files.last.name}")
+    elif state.best_epoch is not None and checkpoint_epoch(files.best) != state.best_epoch:
+        print(f"warning: {files.best} is not the checkpoint of the best epoch "
+              f"({state.best_epoch + 1}) that {files.last.name} records", file=sys.stderr)
+    if (epoch + 1) % save_every == 0 and checkpoint_epoch(files.periodic) != epoch:
+        copy_file(files.last, files.periodic)
+        print(f"completed the interrupted epoch {epoch + 1}: {files.periodic.name} from "
+              f"{files.last.name}")
 
 
 # -------------------------------------------------------------------------- outputs
@@ -306,8 +401,28 @@ def read_csv_rows(path: Path, before_epoch: int) -> List[dict]:
     """Rows of an earlier run's CSV for epochs < before_epoch (no duplicates on resume)."""
     if not path.is_file():
         return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return [row for row in csv.DictReader(f) if int(row["epoch"]) < before_epoch]
+    problem = f"{path} cannot be continued; restore it, or remove it to start it afresh"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserInputError(f"{problem} ({exc})") from None
+    kept = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            epoch = int(row["epoch"])
+        except (KeyError, TypeError, ValueError):
+            raise UserInputError(f"{problem}: line {line} has no valid epoch") from None
+        if epoch < before_epoch:
+            kept.append(row)
+    return kept
+
+
+def _number(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 def plot_curves(path: Path, rows: List[dict]) -> None:
@@ -321,7 +436,7 @@ def plot_curves(path: Path, rows: List[dict]) -> None:
     for key, label in (("train_loss", "total"), ("train_m_loss", "masked"),
                        ("train_um_loss", "unmasked"), ("train_moe_loss", "MoE"),
                        ("val_m_loss", "validation masked")):
-        values = [float(r[key]) if r.get(key) not in (None, "") else np.nan for r in rows]
+        values = [_number(r.get(key)) for r in rows]
         if not all(np.isnan(values)):
             losses.plot(epochs, values, marker=".", label=label)
     losses.set_yscale("log")
@@ -329,7 +444,7 @@ def plot_curves(path: Path, rows: List[dict]) -> None:
     losses.set_ylabel("loss")
     losses.legend()
     losses.grid(True, alpha=0.3)
-    lr.plot(epochs, [float(r["avg_lr"]) for r in rows], marker=".")
+    lr.plot(epochs, [_number(r.get("avg_lr")) for r in rows], marker=".")
     lr.set_xlabel("epoch")
     lr.set_ylabel("mean learning rate")
     lr.grid(True, alpha=0.3)
@@ -345,27 +460,34 @@ def plot_curves(path: Path, rows: List[dict]) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = load_config(args.config_yaml, SCHEMA, args.set)
-    validate(config)
+    validate(config, args.resume, args.overwrite)
     model_cfg, train_cfg = config["model"], config["training"]
     dist = setup_distributed()
+    files = RunFiles.in_folder(Path(train_cfg["weight_path"]), model_cfg["size"])
+    lock = None
     try:
-        return run(config, model_cfg, train_cfg, args.resume, dist)
+        # process 0 owns the folder; its refusal stops every process with the same line
+        lock = run_on_main(dist, lambda: claim_folder(files, args.resume, args.overwrite))
+        return run(config, model_cfg, train_cfg, files, args.resume, dist)
     finally:
+        if lock is not None:
+            lock.release()
         teardown_distributed(dist)
 
 
-def run(config, model_cfg, train_cfg, resume_run: bool, dist: Distributed) -> int:
+def run(config, model_cfg, train_cfg, files: RunFiles, resume_run: bool,
+        dist: Distributed) -> int:
     device = select_device(train_cfg["device"], dist.local_rank, key="training.device")
     amp_dtype = autocast_dtype(device, train_cfg["mixed_precision"])
     seed_everything(train_cfg["seed"] + dist.rank)
-    files = RunFiles.in_folder(Path(train_cfg["weight_path"]), model_cfg["size"])
 
     def dataset(prefix):
         return build_bigearthnet(train_cfg[f"{prefix}dataset_path"],
                                  train_cfg[f"{prefix}dataset_csv"], train_cfg["dataset_format"],
                                  img_size=model_cfg["img_size"],
                                  legacy_hour=train_cfg["legacy_hour"],
-                                 skip_invalid=train_cfg["skip_invalid"])
+                                 skip_invalid=train_cfg["skip_invalid"],
+                                 max_chip_size=train_cfg["max_chip_size"])
 
     loader = build_loader(dataset(""), train_cfg["batch_size"], train_cfg["num_workers"], dist,
                           device, train_cfg["seed"], shuffle=True)
@@ -404,12 +526,15 @@ def run(config, model_cfg, train_cfg, resume_run: bool, dist: Distributed) -> in
         print(f"device {device}, {dist.world_size} process(es), global batch "
               f"{train_cfg['batch_size'] * dist.world_size}, {steps_per_epoch} steps per epoch, "
               f"mixed precision {amp_dtype or 'off'}")
+    if dist.is_main:
+        finish_interrupted_epoch(files, state, train_cfg["save_every_n_epochs"])
     if state.start_epoch >= epochs:
         if dist.is_main:
             print(f"nothing to do: all {epochs} epochs are done (training.epochs)")
         return 0
 
     best_loss, best_train_loss = state.best_loss, state.best_train_loss
+    best_epoch = state.best_epoch
     counter = RoutingCounter(mae)
     for epoch in range(state.start_epoch, epochs):
         loader.sampler.set_epoch(epoch)
@@ -434,6 +559,7 @@ def run(config, model_cfg, train_cfg, resume_run: bool, dist: Distributed) -> in
         best_train_loss = min(best_train_loss, metrics["train_loss"])
         improved = metrics[best_metric] < best_loss
         best_loss = min(best_loss, metrics[best_metric])
+        best_epoch = epoch if improved else best_epoch
         rng_states = gather_rng_states(dist)
         if not dist.is_main:
             continue
@@ -449,13 +575,14 @@ def run(config, model_cfg, train_cfg, resume_run: bool, dist: Distributed) -> in
         write_csv(files.usage, usage_rows, USAGE_COLUMNS)
         plot_curves(files.curves, metric_rows)
 
-        checkpoint = checkpoint_dict(mae, optimizer, scaler, epoch, steps_per_epoch, best_loss,
-                                     best_metric, best_train_loss, rng_states, config, dist)
-        torch_save(checkpoint, files.last)
+        # last is the commit record; best and periodic are copies of it (module docstring)
+        torch_save(checkpoint_dict(mae, optimizer, scaler, epoch, steps_per_epoch, best_loss,
+                                   best_metric, best_epoch, best_train_loss, rng_states, config,
+                                   dist), files.last)
         if improved:
-            torch_save(checkpoint, files.best)
+            copy_file(files.last, files.best)
         if (epoch + 1) % train_cfg["save_every_n_epochs"] == 0:
-            torch_save(checkpoint, files.periodic)
+            copy_file(files.last, files.periodic)
         val_text = f" | val masked {metrics['val_m_loss']:.4f}" if val_loader else ""
         print(f"epoch {epoch + 1}/{epochs} | loss {metrics['train_loss']:.4f} (masked "
               f"{metrics['train_m_loss']:.4f}, unmasked {metrics['train_um_loss']:.4f}, MoE "
