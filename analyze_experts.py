@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader, Subset
 
 from datasets.builders import DATA_FIELDS, build_split, class_names
@@ -35,7 +36,7 @@ from utils.config import (Field, config_arguments, dump_config, load_config, mod
                           non_negative, positive)
 from utils.data_config import BigEarthNetInfo, EuroSATInfo
 from utils.errors import UserInputError, run_cli
-from utils.files import write_csv, write_text
+from utils.files import check_output_dir, write_csv, write_text
 from utils.runtime import select_device
 
 DEMO_CHECKPOINT = "runs/demo/pretrain/pretrained_S_best.pth"
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     config = load_config(args.config_yaml, SCHEMA, args.set)
     model_cfg, data_cfg, analysis = config["model"], config["data"], config["analysis"]
     checkpoint = Path(model_cfg["checkpoint_path"])
+    check_output_dir(config["output"]["dir"], "output.dir")
     if not checkpoint.is_file():
         hint = ": run `make demo` first, or set model.checkpoint_path" \
             if model_cfg["checkpoint_path"] == DEMO_CHECKPOINT else ""
@@ -81,7 +83,14 @@ def main(argv=None) -> int:
         raise UserInputError(f"analysis.layer: {layer} does not exist, the {model_cfg['size']} "
                              f"encoder has layers 0..{len(encoder.layers) - 1}")
 
-    dataset = build_split(data_cfg, data_cfg["split"], model_cfg["img_size"])
+    # chips without a label file count in the usage statistics, in no class's
+    dataset = build_split(data_cfg, data_cfg["split"], model_cfg["img_size"],
+                          allow_unlabelled=True)
+    unlabelled = sorted(getattr(dataset, "unlabelled", ()))
+    if unlabelled:
+        print(f"note: {len(unlabelled)} chip(s) have no label file ({', '.join(unlabelled[:3])}"
+              f"{', ...' if len(unlabelled) > 3 else ''}): counted in the usage statistics, "
+              f"in no class's")
     if data_cfg["max_chips"] is not None:
         dataset = Subset(dataset, range(min(data_cfg["max_chips"], len(dataset))))
     if len(dataset) == 0:
@@ -93,7 +102,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     loader = DataLoader(dataset, batch_size=data_cfg["batch_size"], shuffle=False,
-                        num_workers=data_cfg["num_workers"])
+                        num_workers=data_cfg["num_workers"],
+                        generator=torch.Generator().manual_seed(0))  # not the global generator
     stats = expert_usage_statistics(encoder, loader, device, class_names=names)
     write_csv(out / "expert_usage.csv", stats.usage_rows())
     plot_usage_heatmap(stats, out / "usage_heatmap.png",
@@ -111,7 +121,8 @@ def main(argv=None) -> int:
         else "after the final norm"
     examples = Subset(dataset, range(min(analysis["num_examples"], len(dataset))))
     ids = dataset_ids(examples)
-    for imgs, _, *meta in DataLoader(examples, batch_size=EXAMPLE_BATCH):
+    for imgs, _, *meta in DataLoader(examples, batch_size=EXAMPLE_BATCH,
+                                     generator=torch.Generator().manual_seed(0)):
         meta = [m.to(device) for m in meta]  # none for EuroSAT-L
         result = analyze_layer(encoder, imgs.to(device), *meta, layer=layer,
                                renormalize=analysis["renormalize"],

@@ -22,6 +22,7 @@ from models.moe_mae import POOLINGS
 from utils.checkpoint import load_pretrained
 from utils.config import Field, config_arguments, dump_config, load_config, model_fields
 from utils.errors import run_cli
+from utils.files import check_output_dir, check_output_file
 from utils.runtime import select_device, setup_distributed, teardown_distributed
 
 SCHEMA = {
@@ -47,14 +48,21 @@ def main(argv=None) -> int:
     args = config_arguments("Embed dataset splits with a frozen encoder.").parse_args(argv)
     config = load_config(args.config_yaml, SCHEMA, args.set)
     model_cfg, data_cfg, embed_cfg = config["model"], config["data"], config["embed"]
+    output_dir = Path(embed_cfg["output_dir"])
+    outputs = {split: output_dir / f"{embed_cfg['name']}_{split}.npz"
+               for split in data_cfg["splits"]}
+    check_output_dir(output_dir, "embed.output_dir")
+    for output in outputs.values():
+        check_output_file(output, "embed.output_dir")
     dist = setup_distributed()
     try:
         device = select_device(model_cfg["device"], dist.local_rank, key="model.device")
         encoder = load_pretrained(model_cfg, device).encoder
-        output_dir = Path(embed_cfg["output_dir"])
+        # every split is built (and its files checked) before the first one is embedded
+        datasets = {split: build_split(data_cfg, path, model_cfg["img_size"])
+                    for split, path in data_cfg["splits"].items()}
         for split, path in data_cfg["splits"].items():
-            dataset = build_split(data_cfg, path, model_cfg["img_size"])
-            output = output_dir / f"{embed_cfg['name']}_{split}.npz"
+            dataset, output = datasets[split], outputs[split]
             settings = {"dataset": data_cfg["dataset"], "split": split, "split_source": path,
                         "checkpoint": model_cfg["checkpoint_path"], "model_size": model_cfg["size"],
                         "class_names": list(getattr(dataset, "classes", None) or

@@ -8,18 +8,23 @@ Total and Full Loss), then per-band RMSE in reflectance DN. Writes every number 
 ``eval.max_images`` figures to ``eval.reconstructions_dir``. See eval/evaluate_mae.py for the
 definitions. The published checkpoint was trained with the published hour encoding: evaluate
 it with ``--set data.legacy_hour=true``.
+
+Output paths are checked before any work. A checkpoint with NaN or inf weights is an error
+naming it (exit status 2), and so is an evaluation whose numbers come out non-finite: no JSON
+with NaN (which is not valid JSON) is ever written.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from datasets.builders import FORMATS
+from datasets.bigearthnet import MAX_CHIP_SIZE
+from datasets.builders import FORMATS, check_split_source
 from eval.evaluate_mae import MAEEvaluator
 from utils.config import (Field, config_arguments, load_config, model_fields, non_negative,
-                          positive, unit_interval_open)
+                          positive, seed_range, unit_interval_open)
 from utils.errors import UserInputError, run_cli
-from utils.files import write_json
+from utils.files import check_output_dir, check_output_file, write_json
 from utils.runtime import select_device
 
 SCHEMA = {
@@ -33,6 +38,7 @@ SCHEMA = {
         "dataset_format": Field("str", "auto", choices=FORMATS),
         "legacy_hour": Field("bool", False),
         "skip_invalid": Field("bool", False),
+        "max_chip_size": Field("int", MAX_CHIP_SIZE, check=positive),
     },
     "eval": {
         "save_reconstructions_masked": Field("bool", True),
@@ -40,7 +46,7 @@ SCHEMA = {
         "reconstructions_dir": Field("path"),
         "max_images": Field("int", 8, check=non_negative),
         "metrics_json": Field("path", None, nullable=True),
-        "seed": Field("int", 0, help="masking noise"),
+        "seed": Field("int", 0, check=seed_range, help="masking noise"),
         "mask_ratio": Field("float", 0.75, check=unit_interval_open),
         "loss_unmasked_weight": Field("float", 0.1, check=non_negative),
         "loss_moe_weight": Field("float", 0.5, check=non_negative),
@@ -53,6 +59,13 @@ def main(argv=None) -> int:
     config = load_config(args.config_yaml, SCHEMA, args.set)
     if config["model"]["img_size"] % config["model"]["patch_size"]:
         raise UserInputError("model.img_size must be a multiple of model.patch_size")
+    data, eval_cfg = config["data"], config["eval"]
+    check_split_source(data["dataset_path"], data["dataset_csv"], data["dataset_format"],
+                       "data.dataset_path", "data.dataset_csv")
+    json_path = Path(eval_cfg["metrics_json"] or
+                     Path(eval_cfg["reconstructions_dir"]) / "eval_metrics.json")
+    check_output_dir(eval_cfg["reconstructions_dir"], "eval.reconstructions_dir")
+    check_output_file(json_path, "eval.metrics_json")
     device = select_device(config["model"]["device"], key="model.device")
     metrics = MAEEvaluator(config, device=device).run()
 
@@ -65,8 +78,6 @@ def main(argv=None) -> int:
     print("|---|---:|---:|")
     for band, masked in metrics["rmse_masked_dn"].items():
         print(f"| {band} | {masked:.1f} | {metrics['rmse_full_dn'][band]:.1f} |")
-    json_path = Path(config["eval"]["metrics_json"] or
-                     Path(config["eval"]["reconstructions_dir"]) / "eval_metrics.json")
     write_json(json_path, {"config": config, **metrics})
     print(f"\n{metrics['num_samples']} samples; metrics: {json_path}; "
           f"{len(metrics['figures'])} figures in {config['eval']['reconstructions_dir']}")

@@ -31,6 +31,8 @@ from classification_models.embeddings import (EmbeddingSplit, check_compatible, 
                                               load_split, parse_feature_slice)
 from classification_models.metrics import HEADLINE_METRIC, scalar_metrics
 from classification_models.probes import add_probe_arguments, build_probe, fit_probe, warn
+from train_logistic_regression import check_probe_arguments
+from utils.config import check_seed
 from utils.errors import UserInputError, run_cli
 from utils.files import atomic_path, write_csv
 
@@ -157,6 +159,10 @@ def main(argv=None) -> int:
     for fraction in fractions:
         check_fraction(fraction)
     seeds = parse_list(args.seeds, int, "--seeds")
+    for seed in seeds:
+        check_seed("--seeds", seed)
+    args.seed = seeds[0]
+    check_probe_arguments(args)
     if args.feature_slice:
         parse_feature_slice(args.feature_slice)
 

@@ -26,8 +26,9 @@ from classification_models.embeddings import (check_compatible, check_fraction,
                                               load_split, parse_feature_slice)
 from classification_models.metrics import HEADLINE_METRIC
 from classification_models.probes import add_probe_arguments, build_probe, fit_probe, warn
-from utils.errors import run_cli
-from utils.files import joblib_dump, write_json
+from utils.config import check_range, check_seed
+from utils.errors import UserInputError, run_cli
+from utils.files import check_output_dir, joblib_dump, write_json
 
 EVAL_ROLES = ("val", "test")
 
@@ -49,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_probe_arguments(args) -> None:
+    """Numbers of the probe options in range and the output folder writable, before any
+    work (the option names appear in the messages)."""
+    check_seed("--seed", args.seed)
+    check_range("--k", args.k, 1)
+    check_range("--max-iter", args.max_iter, 1)
+    if args.n_jobs == 0 or args.n_jobs < -1:
+        raise UserInputError(f"--n-jobs must be -1 (all cores) or at least 1, got {args.n_jobs}")
+    check_output_dir(args.out, "--out")
+
+
 def unique_run_id(out: Path, name: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_id, suffix = stamp, 0
@@ -66,6 +78,7 @@ def format_metrics(metrics: dict, task: str) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    check_probe_arguments(args)
     check_fraction(args.train_fraction)
     if args.feature_slice:
         parse_feature_slice(args.feature_slice)  # fail on the format before loading large files

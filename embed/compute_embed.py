@@ -35,6 +35,7 @@ from tqdm import tqdm
 from datasets.builders import split_batch
 from models.moe_mae import MOEEncoder, POOLINGS
 from utils.errors import UserInputError
+from utils.files import current_umask
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -122,13 +123,16 @@ def compute_embeddings(encoder: MOEEncoder, dataset: Dataset, output: Optional[U
                 "num_tokens": encoder.num_tokens, "embed_dim": encoder.embed_dim,
                 "num_samples": len(dataset)}
 
+    ids = dataset_ids(shard)
     if output is None:
         if world_size > 1:
             raise UserInputError("embedding into memory (output=None) needs a single process")
-        rows, labels = [], []
+        rows, labels, done = [], [], 0
         for imgs, targets, meta in _batches(loader, progress and rank == 0):
-            rows.append(_embed_batch(encoder, imgs, meta, pooling, normed, use_metadata, device)
-                        .astype(DTYPES[dtype]))
+            rows.append(_finite_rows(_embed_batch(encoder, imgs, meta, pooling, normed,
+                                                  use_metadata, device),
+                                     ids, done).astype(DTYPES[dtype]))
+            done += len(rows[-1])
             labels.append(_labels(targets))
         return {"x": np.concatenate(rows), "y": np.concatenate(labels),
                 "ids": np.array(dataset_ids(dataset)), "settings": np.array(json.dumps(settings))}
@@ -144,8 +148,9 @@ def compute_embeddings(encoder: MOEEncoder, dataset: Dataset, output: Optional[U
     labels = []
     try:
         for imgs, targets, meta in _batches(loader, progress and rank == 0):
-            x_file.append(_embed_batch(encoder, imgs, meta, pooling, normed, use_metadata,
-                                       device))
+            x_file.append(_finite_rows(_embed_batch(encoder, imgs, meta, pooling, normed,
+                                                    use_metadata, device),
+                                       ids, x_file.written))
             labels.append(_labels(targets))
         x_file.close()
         np.save(parts / f"y.{rank}.npy", np.concatenate(labels))
@@ -173,6 +178,18 @@ def _batches(loader: DataLoader, progress: bool) -> Iterable:
         yield split_batch(batch)
 
 
+def _finite_rows(rows: np.ndarray, ids: list, start: int) -> np.ndarray:
+    """``rows`` (the samples ``start``... of ``ids``) if all finite; else an error naming them
+    (a NaN row would silently poison every probe trained on the file)."""
+    finite = np.isfinite(rows).all(axis=1)
+    if not finite.all():
+        bad = [ids[start + i] for i in np.flatnonzero(~finite)]
+        raise UserInputError(f"non-finite embeddings (NaN or inf) for {len(bad)} sample(s) of "
+                             f"a batch: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''} "
+                             f"(check these chips and the checkpoint); the file was not written")
+    return rows
+
+
 def _embed_batch(encoder, imgs, meta, pooling, normed, use_metadata, device) -> np.ndarray:
     meta = [None if m is None or not use_metadata else m.to(device) for m in meta]
     embeddings = encoder.embed(imgs.to(device), *meta, pooling=pooling, normed=normed)
@@ -198,6 +215,7 @@ def _merge_parts(parts: Path, world_size: int, rows: int, dtype, row_shape, outp
                         out.write(chunk)
     y = np.concatenate([np.load(parts / f"y.{rank}.npy") for rank in range(world_size)])
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~current_umask())  # what open() gives, not mkstemp's private 0o600
     os.close(fd)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as npz:

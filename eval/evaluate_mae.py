@@ -23,17 +23,20 @@ the visible patches pasted back, as RGB (SR_B4, SR_B3, SR_B2) with a 2-98 percen
 from __future__ import annotations
 
 from pathlib import Path
+import math
 from typing import Dict, List, Optional
 
 import torch
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
+from datasets.bigearthnet import MAX_CHIP_SIZE
 from datasets.builders import build_bigearthnet
 from models.moe_mae import MOEMAE
 from utils.checkpoint import load_pretrained
 from utils.data_config import BigEarthNetInfo
 from utils.data_utils import rgb_bands, save_figure, stretch, stretch_limits, unnormalize
+from utils.errors import UserInputError
 
 class MAEEvaluator:
     """Evaluate ``config["model"]["checkpoint_path"]`` on ``config["data"]``'s split.
@@ -50,11 +53,15 @@ class MAEEvaluator:
         self.dataset = build_bigearthnet(
             data_cfg["dataset_path"], data_cfg["dataset_csv"], data_cfg["dataset_format"],
             img_size=model_cfg["img_size"], legacy_hour=data_cfg["legacy_hour"],
-            skip_invalid=data_cfg["skip_invalid"])
+            skip_invalid=data_cfg["skip_invalid"],
+            max_chip_size=data_cfg.get("max_chip_size", MAX_CHIP_SIZE))
         if transform is not None:
             self.dataset.transform = transform
+        # a private generator: iterating a DataLoader draws a seed from its generator, which
+        # would otherwise be the global one
         self.loader = DataLoader(self.dataset, batch_size=data_cfg["batch_size"],
-                                 num_workers=data_cfg["num_workers"], shuffle=False)
+                                 num_workers=data_cfg["num_workers"], shuffle=False,
+                                 generator=torch.Generator().manual_seed(0))
 
     @torch.inference_mode()
     def run(self) -> Dict[str, object]:
@@ -105,8 +112,23 @@ class MAEEvaluator:
             rmse = (sq_dn[kind] / count_dn[kind].clamp(min=1)).sqrt()
             metrics[f"rmse_{kind}_dn"] = dict(zip(BigEarthNetInfo.BAND_NAMES, rmse.tolist()))
         metrics["num_samples"] = samples
+        self._check_finite(metrics)
         metrics["figures"] = self._save_figures(figures)
         return metrics
+
+    def _check_finite(self, metrics: Dict[str, object]) -> None:
+        """Non-finite numbers (the model overflows on this data) are an error naming the
+        checkpoint, before anything is written."""
+        values = {}
+        for key, value in metrics.items():
+            items = value.items() if isinstance(value, dict) else [("", value)]
+            values.update({f"{key}.{sub}" if sub else key: v for sub, v in items})
+        bad = [key for key, value in values.items()
+               if isinstance(value, float) and not math.isfinite(value)]
+        if bad:
+            raise UserInputError(f"{self.config['model']['checkpoint_path']}: the evaluation "
+                                 f"gives non-finite {', '.join(bad[:4])}"
+                                 f"{', ...' if len(bad) > 4 else ''}; nothing was written")
 
     def dataset_id(self, index: int) -> str:
         ids = getattr(self.dataset, "patch_ids", None)
