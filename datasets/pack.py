@@ -40,6 +40,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -184,7 +185,7 @@ def _pack(source: BigEarthNetDatasetLS, csv_file: Path, root_dir: Path, out_dir:
         results = pool.imap(_read_patch, jobs, chunksize=32) if pool else map(_read_patch, jobs)
         for patch, (result, problem) in zip(listed, tqdm(
                 results, total=len(listed), desc=f"packing {csv_file.name}", unit="patch",
-                disable=not progress)):
+                disable=not (progress and sys.stderr.isatty()))):  # logs get the summary
             if result is None:
                 skipped.append((patch, problem))
                 continue

@@ -85,26 +85,33 @@ def real_dataset(root, **kwargs):
 # ----------------------------------------------------------------------------- real sample
 
 
-def test_real_missing_label_file_is_a_clear_error(real_sample):
+def test_real_missing_label_file_is_a_clear_error_where_labels_are_read(real_sample):
     with pytest.raises(UserInputError) as error:
-        BigEarthNetDatasetLS(real_sample / "samples.csv", real_sample)
+        BigEarthNetDatasetLS(real_sample / "samples.csv", real_sample, supervised=True)
     message = str(error.value)
     assert MISSING_LABEL_PATCH in message
     assert f"{MISSING_LABEL_PATCH}_labels_metadata.json" in message and "\n" not in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # without labels the patch is complete: no warning
+        unsupervised = BigEarthNetDatasetLS(real_sample / "samples.csv", real_sample)
+    assert MISSING_LABEL_PATCH in unsupervised.patch_ids and len(unsupervised) == 200
+    img = unsupervised[unsupervised.patch_ids.index(MISSING_LABEL_PATCH)][0]
+    assert img.shape[0] == 7 and img.dtype == torch.uint16
 
 
 def test_real_skip_invalid_skips_exactly_the_unlabelled_patch(real_sample):
     names = (real_sample / "samples.csv").read_text().split()
     assert names[0] == "0" and len(names) == 201
     with pytest.warns(UserWarning) as caught:
-        dataset = BigEarthNetDatasetLS(real_sample / "samples.csv", real_sample, skip_invalid=True)
+        dataset = BigEarthNetDatasetLS(real_sample / "samples.csv", real_sample, skip_invalid=True,
+                                       supervised=True)
     assert len(caught) == 1 and MISSING_LABEL_PATCH in str(caught[0].message)
     assert dataset.patch_ids == [name for name in names[1:] if name != MISSING_LABEL_PATCH]
 
 
 def test_real_all_patches_load_as_float32_40x40(real_sample):
     dataset = real_dataset(real_sample, transform=PIPELINE)
-    assert len(dataset) == 199
+    assert len(dataset) == 200  # the patch without a label file too: no labels are read
     for index in range(len(dataset)):
         img, target, *metas = dataset[index]
         assert img.shape == (7, 40, 40) and img.dtype == torch.float32

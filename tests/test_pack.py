@@ -30,11 +30,13 @@ def assert_same_items(raw, packed):
             assert same, raw.patch_ids[index]
 
 
+UNLABELLED = "S2A_MSIL2A_20171208T093351_82_79"  # the real sample's patch without a label file
+
+
 @pytest.fixture
 def packed_real(real_sample, tmp_path):
-    with pytest.warns(UserWarning, match="S2A_MSIL2A_20171208T093351_82_79"):
-        return pack_split(real_sample / "samples.csv", real_sample, tmp_path / "packed",
-                          skip_invalid=True, progress=False)
+    return pack_split(real_sample / "samples.csv", real_sample, tmp_path / "packed",
+                      progress=False)
 
 
 @pytest.mark.parametrize("options", OPTIONS)
@@ -43,17 +45,31 @@ def test_packed_equals_raw_on_the_real_tiles(real_sample, packed_real, options):
         warnings.simplefilter("ignore")
         raw = BigEarthNetDatasetLS(real_sample / "samples.csv", real_sample, transform=PIPELINE,
                                    skip_invalid=True, **options)
-    packed = PackedBigEarthNetDataset(packed_real, transform=PIPELINE, **options)
-    assert len(packed) == 199
+        packed = PackedBigEarthNetDataset(packed_real, transform=PIPELINE, skip_invalid=True,
+                                          **options)
+    assert len(packed) == (199 if options["supervised"] else 200)
     assert_same_items(raw, packed)
+
+
+def test_unlabelled_patch_is_packed_for_unsupervised_use_only(packed_real):
+    metadata = np.load(packed_real / "metadata.npz")
+    row = list(metadata["patch_ids"]).index(UNLABELLED)
+    assert not metadata["has_labels"][row] and metadata["has_labels"].sum() == 199
+    assert metadata["labels43"][row].sum() == 0
+    assert UNLABELLED in PackedBigEarthNetDataset(packed_real).patch_ids
+    with pytest.raises(UserInputError, match=f"patch {UNLABELLED} has no labels"):
+        PackedBigEarthNetDataset(packed_real, supervised=True)
+    with pytest.warns(UserWarning, match=f"skipped 1 of 200 patches without labels: {UNLABELLED}"):
+        supervised = PackedBigEarthNetDataset(packed_real, supervised=True, skip_invalid=True)
+    assert UNLABELLED not in supervised.patch_ids and len(supervised) == 199
 
 
 def test_packed_files(packed_real, real_sample):
     info = json.loads((packed_real / "info.json").read_text())
-    assert info["format_version"] == 1 and info["count"] == 199
+    assert info["format_version"] == 2 and info["count"] == 200 and info["unlabelled"] == 1
     assert info["band_names"] == BigEarthNetInfo.BAND_NAMES
     images = np.load(packed_real / "images.npy", mmap_mode="r")
-    assert images.dtype == np.uint16 and images.shape == (199, 7, 40, 40)
+    assert images.dtype == np.uint16 and images.shape == (200, 7, 40, 40)
     metadata = np.load(packed_real / "metadata.npz")
     row = list(metadata["patch_ids"]).index("S2B_MSIL2A_20180525T94030_78_30")
     assert metadata["datetime"][row].tolist() == [2018, 5, 25, 9, 40, 30]
@@ -93,12 +109,6 @@ def test_transform_receives_the_cropped_chip(sample_dataset, tmp_path):
     assert target.numel() == 0
 
 
-def test_missing_label_without_skip_writes_nothing(real_sample, tmp_path):
-    with pytest.raises(UserInputError, match="S2A_MSIL2A_20171208T093351_82_79"):
-        pack_split(real_sample / "samples.csv", real_sample, tmp_path / "out", progress=False)
-    assert list(tmp_path.iterdir()) == []
-
-
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # the cut-off file
 def test_unreadable_image_keeps_the_previous_pack(tmp_path, make_ben_root):
     names = ["SYN_MSIL2A_20170613T101031_1_2", "SYN_MSIL2A_20180525T94030_3_4"]
@@ -121,7 +131,7 @@ def test_small_chip_and_foreign_destination_are_refused(tmp_path, make_ben_root)
     root = make_ben_root({name: ["Pastures"]}, size=(39, 45))
     csv_file = tmp_path / "split.csv"
     csv_file.write_text(name)
-    with pytest.raises(UserInputError, match="39x45 pixels, smaller than the 40x40 crop"):
+    with pytest.raises(UserInputError, match="39x45 pixels, smaller than the 40x40"):
         pack_split(csv_file, root, tmp_path / "out", progress=False)
     foreign = tmp_path / "mine"
     foreign.mkdir()

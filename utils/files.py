@@ -5,8 +5,8 @@ destination's folder and then ``os.replace``-s it onto the destination, which is
 POSIX and Windows. If the writer fails (or the process is interrupted), the previous file, if
 any, is left untouched and the temporary file is removed; after a kill (SIGKILL, power loss)
 it stays behind, and :func:`remove_stale_temporaries` clears it at the next start of the
-program that owns the folder. An ``OSError`` without a file name (a full disk during
-``write``) gets the destination's name, so the error message can say which file it was.
+program that owns the folder. An ``OSError`` while writing (a full disk) names the
+destination, not the temporary file, so the error message says which output it was.
 
 Permissions: a new output gets the mode a plain ``open(path, "w")`` would give, ``0o666``
 minus the umask (``mkstemp`` alone makes ``0o600``, which colleagues on a shared file system
@@ -99,8 +99,10 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         if fd is not None:
             os.close(fd)
         tmp_path.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(path)
+        if isinstance(exc, OSError) and (exc.filename is None or str(tmp_path) in (
+                str(exc.filename), str(exc.filename2))):
+            # the file being written is the destination (a copy names its source first)
+            exc.filename, exc.filename2 = str(path), None
         raise
 
 
