@@ -17,8 +17,9 @@ SAMPLE = REPO / "sample_dataset"
 @pytest.fixture(scope="module")
 def published_checkpoint(tmp_path_factory):
     """Model weights in the published checkpoint format (only its keys)."""
-    torch.manual_seed(0)
-    mae = build_mae("XXS")
+    with torch.random.fork_rng():  # leaves the test process's global generator as it was
+        torch.manual_seed(0)
+        mae = build_mae("XXS")
     path = tmp_path_factory.mktemp("ckpt") / "pretrained_XXS_best.pth"
     torch.save({"epoch": 0, "model_state": mae.state_dict(), "opt_state": {},
                 "best_train_loss": 1.0}, path)

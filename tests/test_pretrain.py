@@ -1,11 +1,7 @@
-"""pretrain_mae.py end to end on the bundled sample_dataset (model XXS, small batches)."""
+"""pretrain_mae.py end to end on the bundled sample_dataset (model XXS, small batches).
+Crashes, resumption in new processes and torchrun: tests/test_reliability.py."""
 
 import csv
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -78,45 +74,13 @@ def test_masked_loss_falls(tmp_path, exit_status):
     assert masked[-1] < 0.6 * masked[0], masked
 
 
-def test_resume_continues_the_schedule_exactly(tmp_path, monkeypatch, exit_status):
-    straight = tmp_path / "straight"
-    straight.mkdir()
-    assert exit_status(pretrain_mae.main, ["--config_yaml", write_config(straight)]) == 0
-
-    interrupted = tmp_path / "interrupted"
-    interrupted.mkdir()
-    config = write_config(interrupted)
-    real_epoch = pretrain_mae.train_one_epoch
-    calls = []
-
-    def stop_at_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(pretrain_mae, "train_one_epoch", stop_at_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain_mae.main(["--config_yaml", str(config)])
-    monkeypatch.setattr(pretrain_mae, "train_one_epoch", real_epoch)
-    assert len(read_rows(interrupted / "run" / "training_metrics_XXS.csv")) == 1
-    assert exit_status(pretrain_mae.main, ["--config_yaml", config, "--resume"]) == 0
-
-    expected = read_rows(straight / "run" / "training_metrics_XXS.csv")
-    resumed = read_rows(interrupted / "run" / "training_metrics_XXS.csv")
-    assert [r["epoch"] for r in resumed] == [r["epoch"] for r in expected] == ["0", "1"]
-    assert [r["avg_lr"] for r in resumed] == [r["avg_lr"] for r in expected]
-    # model, optimizer and random generators were restored: the same losses as well
-    for got, want in zip(resumed, expected):
-        assert float(got["train_loss"]) == pytest.approx(float(want["train_loss"]), rel=1e-4)
-
-
 def test_resume_from_a_published_checkpoint(tmp_path, exit_status):
     config = write_config(tmp_path, epochs=3)
     run = tmp_path / "run"
     run.mkdir()
-    torch.manual_seed(0)
-    mae = build_mae("XXS")
+    with torch.random.fork_rng():  # leaves the test process's global generator as it was
+        torch.manual_seed(0)
+        mae = build_mae("XXS")
     optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-3, weight_decay=0.05)
     MAEObjective(mae)(torch.randn(2, 7, 40, 40))["loss"].backward()
     optimizer.step()
@@ -202,46 +166,3 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert last["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in last["model_state"].values())
     assert len(read_rows(tmp_path / "run" / "training_metrics_XXS.csv")) == 1
-
-
-def test_sigkill_during_training_leaves_files_that_resume(tmp_path):
-    config = write_config(tmp_path, epochs=6)
-    run = tmp_path / "run"
-    command = [sys.executable, str(REPO / "pretrain_mae.py"), "--config_yaml", str(config)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (run / "pretrained_XXS_last.pth").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # into the next epoch (or into the next checkpoint write)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    checkpoint = torch.load(run / "pretrained_XXS_last.pth", weights_only=True)
-    done = checkpoint["epoch"] + 1
-    assert done < 6, "the run finished before it could be killed"
-    result = subprocess.run(command + ["--resume"], cwd=REPO, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    epochs = [r["epoch"] for r in read_rows(run / "training_metrics_XXS.csv")]
-    assert epochs == [str(e) for e in range(6)]  # no gaps, no duplicates
-    assert not list(run.glob("*.tmp"))  # atomic writes left no temporary files behind
-
-
-def test_torchrun_two_processes_train_resume_and_only_rank0_writes(tmp_path):
-    config = write_config(tmp_path, epochs=2)
-    run = tmp_path / "run"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                "--master_port=29531", str(REPO / "pretrain_mae.py"), "--config_yaml",
-                str(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(torchrun + ["--set", "training.epochs=2"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert first.stdout.count("epoch 1/2 |") == 1  # one process reports and writes
-    assert "2 process(es), global batch 64" in first.stdout
-    last = torch.load(run / "pretrained_XXS_last.pth", weights_only=True)
-    assert last["world_size"] == 2 and len(last["rng_state"]) == 2
-    second = subprocess.run(torchrun + ["--set", "training.epochs=3", "--resume"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "resumed from" in second.stdout
-    assert [r["epoch"] for r in read_rows(run / "training_metrics_XXS.csv")] == ["0", "1", "2"]
