@@ -330,8 +330,13 @@ class ResumeState(NamedTuple):
 def resume(files: RunFiles, mae, optimizer, scaler, steps_per_epoch: int,
            dist: Distributed) -> ResumeState:
     """Load the newest checkpoint (ours or the published format) into model, optimizer and
-    scaler; restore this rank's RNG state when the checkpoint has it."""
+    scaler; restore this rank's RNG state when the checkpoint has it. A run killed in its
+    first epoch (metrics written, no checkpoint yet) starts that epoch again."""
     path = next((p for p in (files.last, files.periodic) if p.is_file()), None)
+    if path is None and files.metrics.is_file():
+        if dist.is_main:
+            print(f"no epoch of the run in {files.folder} was completed: starting from the first")
+        return ResumeState(0, math.inf, math.inf)
     if path is None:
         raise UserInputError(f"--resume: no checkpoint in {files.last.parent} (looked for "
                              f"{files.last.name} and {files.periodic.name})")

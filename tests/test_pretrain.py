@@ -81,9 +81,9 @@ def test_resume_from_a_published_checkpoint(tmp_path, exit_status):
     with torch.random.fork_rng():  # leaves the test process's global generator as it was
         torch.manual_seed(0)
         mae = build_mae("XXS")
-    optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-3, weight_decay=0.05)
-    MAEObjective(mae)(torch.randn(2, 7, 40, 40))["loss"].backward()
-    optimizer.step()
+        optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-3, weight_decay=0.05)
+        MAEObjective(mae)(torch.randn(2, 7, 40, 40))["loss"].backward()
+        optimizer.step()
     published = {"epoch": 0, "model_state": mae.state_dict(), "opt_state": optimizer.state_dict(),
                  "scaler_state": torch.amp.GradScaler("cpu").state_dict(),
                  "best_train_loss": 50.0}

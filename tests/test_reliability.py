@@ -178,13 +178,17 @@ def test_a_kill_between_any_two_writes_resumes_to_the_uninterrupted_set(tmp_path
         f"training_metrics_{SIZE}.csv", f"expert_usage_{SIZE}.csv", f"training_curves_{SIZE}.png",
         f"pretrained_{SIZE}_last.pth", f"pretrained_{SIZE}_best.pth", f"checkpoint_{SIZE}.pth"]
 
-    for number, name in last_epoch[:-1]:  # a kill after each write, before the next one
+    first_csv = int(writes[1][0])  # epoch 1's metrics (after the config): nothing committed
+    assert Path(writes[1][1]).name == f"training_metrics_{SIZE}.csv"
+    for number, name in [(first_csv, None)] + last_epoch[:-1]:  # a kill after each write
         folder = tmp_path / f"killed_after_{number}"
         config = write_config(folder)
         killed = pretrain(config, faults=["--kill-after-write", str(number)])
         assert killed.returncode == -signal.SIGKILL
-        committed = load(folder / "run" / CHECKPOINTS[1])["epoch"]
-        assert committed == (1 if name.endswith("_last.pth") or name.endswith("_best.pth") else 0)
+        last = folder / "run" / CHECKPOINTS[1]
+        committed = load(last)["epoch"] if last.exists() else None
+        assert committed == (None if name is None else 1 if name.endswith(("_last.pth",
+                                                                             "_best.pth")) else 0)
         resumed = pretrain(config, "--resume")
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         if committed == 1:  # nothing left to train: the interrupted epoch is completed
