@@ -750,3 +750,387 @@ def _class_label(cls: int, class_names: Optional[Sequence[str]]) -> str:
     name = class_names[cls] if class_names is not None and cls < len(class_names) \
         else f"class {cls}"
     return name if len(name) <= 32 else name[:30] + "..."
+
+
+# =====================================================================================
+# The published analysis API
+# =====================================================================================
+#
+# The names, signatures and return types that the published repository's
+# ``moe_experiments.ipynb`` imports from ``utils.analysis_utils``, implemented on the analysis
+# above. Token tensors are (B, L, dim) in the encoder's order ``[week, hour, lat, lon, CLS,
+# patches...]``; ``num_meta_tokens`` and ``has_cls`` say where the patches start. Like the
+# published functions, the figures are shown (in a notebook) instead of returned.
+#
+# Where they differ from the published ones:
+# * ``layer_report_simple`` reads a layer's routing, contributions and ablations from what its
+#   MoE sees (``norm2`` of the residual stream, :func:`analyze_layer`), and measures the
+#   ablation after the remaining layers, residual included, and the final norm: the maps of
+#   the published repository's later revision, and of ``analyze_experts.py``. (Its first
+#   revision routed each layer's *output* through the layer's gate, and ablated without the
+#   residual.) ``compute_ablation_heatmaps`` takes that revision's ``residual_base_tokens``.
+# * ``plot_expert_usage_bars`` draws each expert's share of a chip's routed patch tokens
+#   (mean and standard deviation over the chips) rather than raw counts, as the project's
+#   other usage figures do.
+
+from models.moe_mae import load_balancing_loss  # noqa: E402  (this section's own import)
+
+_BEN_MEAN = list(BigEarthNetInfo.STATISTICS["mean"])
+_BEN_STD = list(BigEarthNetInfo.STATISTICS["std"])
+_PUBLISHED_MAX_VALUES = (65454.0, 65454.0, 65330.308)  # the published notebook's RGB scaling
+
+
+def _show_figure(fig: Figure) -> None:
+    """Show a figure in a running notebook (what ``plt.show()`` does with the inline backend);
+    elsewhere nothing: the figure is not registered with pyplot, so nothing is left open."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        display(fig)
+
+
+def _first_patch_token(num_meta_tokens: int, has_cls: bool) -> int:
+    return num_meta_tokens + (1 if has_cls else 0)
+
+
+def _patch_tokens(values: torch.Tensor, patch_grid: int, num_meta_tokens: int,
+                  has_cls: bool) -> torch.Tensor:
+    """values (B, L, ...) -> (B, patch_grid ** 2, ...): the patch tokens; an error when L does
+    not hold exactly that many patches after the metadata (and CLS) tokens."""
+    start = _first_patch_token(num_meta_tokens, has_cls)
+    patches = values[:, start:]
+    if patches.shape[1] != patch_grid * patch_grid:
+        raise ValueError(f"{values.shape[1]} tokens with {start} before the patches leave "
+                         f"{patches.shape[1]} patch tokens, not patch_grid ** 2 = "
+                         f"{patch_grid * patch_grid}")
+    return patches
+
+
+@contextlib.contextmanager
+def deterministic_routing(model: nn.Module) -> Iterator[None]:
+    """Within the block every :class:`NoisyTopKGate` of ``model`` routes on its clean logits
+    (no noise), whatever the model's mode; the rest of the model (dropout) keeps its mode,
+    and every gate's mode is restored afterwards. (In ``eval()`` the gates are already
+    deterministic.)"""
+    modes = [(module, module.training) for gate in model.modules()
+             if isinstance(gate, NoisyTopKGate) for module in gate.modules()]
+    for module, _ in modes:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _moe_loss(encoder: MOEEncoder, moe_inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum over the layers of the load-balancing loss of each layer's gate on its MoE input
+    (B, L, dim): the encoder's ``moe_loss`` when the routing is deterministic."""
+    total = moe_inputs[0].new_zeros(())
+    for layer, x in zip(encoder.layers, moe_inputs):
+        moe = layer.moe
+        routing = moe.gate(x.reshape(-1, x.shape[-1]))
+        total = total + load_balancing_loss(routing, moe.w_importance, moe.w_load)
+    return total
+
+
+def encoder_layer_states(encoder: nn.Module, imgs: torch.Tensor, meta_week=None,
+                         meta_hour=None, meta_lat=None, meta_lon=None):
+    """Every layer's states for imgs (B, C, H, W) and metadata (B, 2) each (or None), in the
+    model's current mode, without autograd.
+
+    Returns ``(states_by_layer, total_moe_loss, num_meta_tokens)``: one dict per layer with
+    ``x_after_attn`` (the residual stream before the MoE), ``z_pre_moe`` (its ``norm2``, what
+    the gate and the experts see) and ``x_out`` (the layer's output; after the final norm for
+    the last layer, as ``encoder(...)`` returns it), each (B, L, dim); the summed
+    load-balancing loss (scalar tensor); the number of metadata tokens.
+    """
+    encoder = as_encoder(encoder)
+    with torch.no_grad():
+        inputs = encoder.prepare_tokens(imgs, meta_week, meta_hour, meta_lat, meta_lon)
+        steps = list(run_layers(encoder, inputs))
+        states = [{"x_after_attn": s.residual, "z_pre_moe": s.moe_input, "x_out": s.output}
+                  for s in steps]
+        states[-1]["x_out"] = encoder.norm(steps[-1].output)
+        total_moe_loss = _moe_loss(encoder, [s.moe_input for s in steps])
+    return states, total_moe_loss, encoder.num_meta_tokens
+
+
+def encoder_tokens_per_layer(encoder: nn.Module, imgs: torch.Tensor, meta_week=None,
+                             meta_hour=None, meta_lat=None, meta_lon=None):
+    """``(tokens_by_layer, total_moe_loss, num_meta_tokens)``: each layer's output (B, L, dim),
+    the last one after the final norm; see :func:`encoder_layer_states`."""
+    states, total_moe_loss, num_meta_tokens = encoder_layer_states(
+        encoder, imgs, meta_week, meta_hour, meta_lat, meta_lon)
+    return [state["x_out"] for state in states], total_moe_loss, num_meta_tokens
+
+
+def routing_assign_and_usage_for_layer(moe_layer: MoELayer, x_tokens: torch.Tensor,
+                                       patch_grid: int, num_meta_tokens: int = 4,
+                                       has_cls: bool = True):
+    """Routing of the patch tokens of x_tokens (B, L, dim) by ``moe_layer``'s gate.
+
+    Returns numpy int64 ``(assign_maps (B, patch_grid, patch_grid), usage (B, E))``: the
+    first-choice expert of every patch, and per chip how many patches route to each expert
+    among their top k (each row sums to k * patch_grid ** 2); :func:`top1_map` and
+    :func:`usage_counts` of the gate's routing.
+    """
+    with torch.no_grad():
+        B, L, dim = x_tokens.shape
+        routing = moe_layer.gate(x_tokens.reshape(-1, dim))
+        topk_idx = _patch_tokens(routing.topk_idx.view(B, L, -1), patch_grid,
+                                 num_meta_tokens, has_cls)
+        assign_maps = top1_map(topk_idx, patch_grid)
+        usage = usage_counts(topk_idx, moe_layer.num_experts)
+    return assign_maps.cpu().numpy(), usage.cpu().numpy()
+
+
+def plot_expert_usage_bars(usage, title: str = "Expert usage") -> None:
+    """Show the mean and standard deviation over the chips of each expert's share of a chip's
+    routed patch tokens, from usage (B, E) counts (:func:`routing_assign_and_usage_for_layer`);
+    the dashed line marks perfect balance."""
+    usage = _as_numpy(usage).astype(np.float64)
+    shares = usage / usage.sum(axis=1, keepdims=True)
+    _show_figure(plot_usage_bars(shares.mean(axis=0), shares.std(axis=0), title=title,
+                                 ylabel="share of routed patch tokens"))
+
+
+def safe_unnormalize(x: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """x (C, H, W) z-scored -> ``x * std + mean`` per band; x itself when mean or std is None."""
+    if mean is None or std is None:
+        return x
+    return unnormalize(x, mean, std)
+
+
+def to_rgb_landsat(img_tensor: torch.Tensor, max_values, bands=(3, 2, 1), mean=_BEN_MEAN,
+                   std=_BEN_STD) -> np.ndarray:
+    """A (C, H, W) chip (z-scored with mean and std; None: as it is) -> RGB (H, W, 3) float32
+    in [0, 1]: the bands ``bands`` (those the chip has; the first three if none), each divided
+    by its entry of ``max_values`` (one per band, or one for all) and clipped to [0, 1], then
+    one 1-99 percentile stretch over the three bands."""
+    raw = safe_unnormalize(img_tensor.detach().float(), mean, std).cpu().numpy()
+    channels = raw.shape[0]
+    chosen = [int(b) for b in bands if int(b) < channels] or list(range(min(3, channels)))
+    scale = np.asarray(max_values, dtype=np.float32)
+    if scale.ndim == 1:
+        scale = scale[:len(chosen)]
+    rgb = np.clip(np.moveaxis(raw[chosen], 0, -1) / np.maximum(scale, 1e-6), 0.0, 1.0)
+    lo, hi = np.percentile(rgb, (1, 99))
+    if hi > lo:
+        rgb = stretch(rgb, (lo, hi))
+    return rgb.astype(np.float32)
+
+
+def make_rgb(imgs: torch.Tensor, index: int, max_values, bands=(3, 2, 1), mean=_BEN_MEAN,
+             std=_BEN_STD) -> np.ndarray:
+    """Chip ``index`` of imgs (B, C, H, W) as RGB (H, W, 3) in [0, 1] (:func:`to_rgb_landsat`)."""
+    return to_rgb_landsat(imgs[index], max_values=np.asarray(max_values), bands=bands,
+                          mean=mean, std=std)
+
+
+def plot_routing_assignment_with_dots(base_rgb, *, assignment_map, num_experts=None,
+                                      patch_size: int = 16,
+                                      title: str = "Routing: top-1 expert per patch",
+                                      border_color=(1, 1, 1, 0.55), border_lw=0.6, dot_size=18,
+                                      dot_edge_color="k", dot_edge_lw=0.25) -> None:
+    """Show base_rgb (H, W, 3) in [0, 1] with its patch grid and a dot per patch coloured by
+    the patch's first-choice expert (assignment_map (H / patch_size, W / patch_size)); the
+    legend gives each expert's share of the patches. ``num_experts`` defaults to the largest
+    expert id + 1."""
+    assignment_map = _as_numpy(assignment_map).astype(np.int64)
+    rows, cols = assignment_map.shape
+    height, width = np.asarray(base_rgb).shape[:2]
+    if (height, width) != (rows * patch_size, cols * patch_size):
+        raise ValueError(f"image of {height}x{width} pixels, but {rows}x{cols} patches of "
+                         f"{patch_size} pixels cover {rows * patch_size}x{cols * patch_size}")
+    if num_experts is None:
+        num_experts = int(assignment_map.max()) + 1 if assignment_map.size else 0
+    colors = expert_colors(num_experts)
+    fig = Figure(figsize=(5.8, 4.8))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(base_rgb, interpolation="nearest", extent=(0, width, height, 0))
+    for y in range(0, height + 1, patch_size):
+        ax.plot([0, width], [y, y], color=border_color, linewidth=border_lw)
+    for x in range(0, width + 1, patch_size):
+        ax.plot([x, x], [0, height], color=border_color, linewidth=border_lw)
+    centre_rows, centre_cols = np.mgrid[0:rows, 0:cols]
+    ax.scatter((centre_cols.ravel() + 0.5) * patch_size, (centre_rows.ravel() + 0.5) * patch_size,
+               s=dot_size, c=[colors[e] for e in assignment_map.ravel()],
+               edgecolors=dot_edge_color, linewidths=dot_edge_lw)
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.axis("off")
+    handles = [Line2D([], [], marker="o", linestyle="", markerfacecolor=colors[e],
+                      markeredgecolor=dot_edge_color, markeredgewidth=dot_edge_lw, markersize=6,
+                      label=f"E{e} ({(assignment_map == e).mean():.0%})")
+               for e in range(num_experts)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    ax.set_title(title)
+    fig.tight_layout()
+    _show_figure(fig)
+
+
+def get_expert_contributions_for_layer(moe_layer: MoELayer, x_tokens: torch.Tensor
+                                       ) -> torch.Tensor:
+    """Contribution ``||g_e f_e(x)||`` of every expert e to every token of x_tokens
+    (B, L, dim): (B, L, E), zero where a token does not route to e (the contribution maps of
+    :func:`analyze_layer` on the patch tokens)."""
+    with torch.no_grad():
+        B, L, dim = x_tokens.shape
+        flat = x_tokens.reshape(-1, dim)
+        gates = moe_layer.gate(flat).dense_gates()
+        contributions = (gates.unsqueeze(-1) * expert_outputs(moe_layer, flat)).norm(dim=-1)
+    return contributions.view(B, L, moe_layer.num_experts)
+
+
+def tokens_to_patch_maps(contributions, patch_grid: int, num_meta_tokens: int = 4,
+                         has_cls: bool = True) -> List[List[np.ndarray]]:
+    """Per-token values (B, L, E) -> ``maps[b][e]``, a (patch_grid, patch_grid) numpy map of
+    the patch tokens of chip b for expert e."""
+    patches = _patch_tokens(torch.as_tensor(contributions), patch_grid, num_meta_tokens, has_cls)
+    grids = patches.detach().cpu().numpy().reshape(patches.shape[0], patch_grid, patch_grid, -1)
+    return [[grids[b, :, :, e] for e in range(grids.shape[-1])] for b in range(len(grids))]
+
+
+def show_original_plus_expert_heatmaps(maps_for_image, base_rgb, title: str = "",
+                                       patch_size: int = 16, alpha: float = 0.4,
+                                       cmap: str = "plasma", routed_counts=None,
+                                       clip_percentile=99.0, show_standalone: bool = True
+                                       ) -> None:
+    """Show one row per expert: base_rgb (H, W, 3), the expert's map (G, G) over it (opacity
+    ``alpha``) and, with ``show_standalone``, the map alone. All maps share one colour scale,
+    from their minimum to their ``clip_percentile`` percentile (values above are clipped;
+    None: to their maximum). ``routed_counts`` (E,): the routed patches per expert, for the
+    titles. A map of G x G patches covers G * patch_size pixels."""
+    maps = [_as_numpy(m).astype(np.float64) for m in maps_for_image]
+    num_experts = len(maps)
+    values = np.concatenate([m.ravel() for m in maps]) if maps else np.zeros(1)
+    vmin = float(values.min())
+    vmax = float(np.percentile(values, clip_percentile)) if clip_percentile is not None \
+        else float(values.max())
+    vmax = max(vmax, vmin + 1e-6)
+    maps = [np.clip(m, vmin, vmax) for m in maps]
+    columns = 3 if show_standalone else 2
+    fig = Figure(figsize=(5 * columns, 3 * max(num_experts, 1)), layout="constrained")
+    axes = fig.subplots(max(num_experts, 1), columns, squeeze=False)
+    image = None
+    for expert, heat in enumerate(maps):
+        extent = (0, heat.shape[1] * patch_size, heat.shape[0] * patch_size, 0)
+        original, overlay = axes[expert, 0], axes[expert, 1]
+        original.imshow(base_rgb, extent=extent)
+        original.set_title("Original")
+        overlay.imshow(base_rgb, extent=extent)
+        image = overlay.imshow(heat, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax,
+                               interpolation="nearest", extent=extent)
+        label = f"Expert {expert}"
+        if routed_counts is not None:
+            label += f" (tokens: {routed_counts[expert]})"
+            if routed_counts[expert] == 0:
+                label += ": no tokens"
+        overlay.set_title(label)
+        if show_standalone:
+            axes[expert, 2].imshow(heat, cmap=cmap, vmin=vmin, vmax=vmax,
+                                   interpolation="nearest", extent=extent)
+            axes[expert, 2].set_title(f"Expert {expert} heatmap")
+    for ax in axes.ravel():
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.7, label="Activation / Δ")
+    fig.suptitle(title, fontsize=14)
+    _show_figure(fig)
+
+
+def compute_ablation_heatmaps(layer_moe: MoELayer, x_tokens: torch.Tensor, patch_grid: int,
+                              num_meta_tokens: int, has_cls: bool = True,
+                              propagate_through=None, layer_norm=None,
+                              residual_base_tokens=None) -> np.ndarray:
+    """Ablation maps ``||y - y_(-e)||`` of every expert of ``layer_moe``: (B, E, G, G) numpy.
+
+    x_tokens (B, L, dim) is the MoE's input. ``y`` is its output (plus
+    ``residual_base_tokens`` (B, L, dim) when given: the layer's output), then run through the
+    layers ``propagate_through`` (if any) and ``layer_norm`` (if any); ``y_(-e)`` the same with
+    expert e's gated term removed from every token (:func:`without_expert`, the remaining
+    gates not renormalised). With the MoE input and residual of an encoder layer, the
+    remaining layers and the encoder's final norm, the maps are :func:`analyze_layer`'s
+    ablations ``measured_at="final"``; without any of the three, its contributions.
+    """
+    with torch.no_grad():
+        B, L, dim = x_tokens.shape
+        flat = x_tokens.reshape(-1, dim)
+        gates = layer_moe.gate(flat).dense_gates()
+        outputs = expert_outputs(layer_moe, flat)
+
+        def measured(layer_gates: torch.Tensor) -> torch.Tensor:
+            tokens = mix(layer_gates, outputs).view(B, L, dim)
+            if residual_base_tokens is not None:
+                tokens = residual_base_tokens + tokens
+            for layer in propagate_through if propagate_through is not None else ():
+                tokens = layer(tokens)[0]
+            return layer_norm(tokens) if layer_norm is not None else tokens
+
+        reference = measured(gates)
+        maps = [_patch_tokens((reference - measured(without_expert(gates, e))).norm(dim=-1),
+                              patch_grid, num_meta_tokens, has_cls)
+                for e in range(len(layer_moe.experts))]
+    return torch.stack(maps, dim=1).view(B, -1, patch_grid, patch_grid).cpu().numpy()
+
+
+def layer_report_simple(model: nn.Module, imgs: torch.Tensor, meta_week=None, meta_hour=None,
+                        meta_lat=None, meta_lon=None, image_index: int = 0,
+                        layer_index: int = 0,
+                        max_values=np.array(_PUBLISHED_MAX_VALUES, dtype=np.float32),
+                        rgb_bands=(3, 2, 1), device="cuda") -> dict:
+    """The published one-layer report: shows, for encoder layer ``layer_index`` and the batch
+    imgs (B, C, H, W) with metadata (B, 2) each (or None),
+
+    1. the experts' usage (:func:`plot_expert_usage_bars`, over the batch);
+    2. chip ``image_index`` with its top-1 expert per patch
+       (:func:`plot_routing_assignment_with_dots`);
+    3. its contribution maps ``||g_e f_e(x)||`` and its ablation maps ``||y - y_(-e)||``
+       after the remaining layers and the final norm
+       (:func:`show_original_plus_expert_heatmaps`), both from :func:`analyze_layer`.
+
+    ``model``: an MOEMAE (or its encoder), moved to ``device``; evaluated in ``eval()`` with
+    deterministic routing (its modes are restored afterwards). ``max_values`` and
+    ``rgb_bands``: the RGB rendering (:func:`make_rgb`). Returns ``{"num_experts": E,
+    "usage_image": (E,) int64 routed patches per expert of the chip (top k), "moe_loss": the
+    encoder's summed load-balancing loss on the batch}``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available on this machine (no CUDA "
+                         "device): pass device='cpu'")
+    if not -len(imgs) <= image_index < len(imgs):
+        raise ValueError(f"image_index {image_index} does not exist: the batch has "
+                         f"{len(imgs)} chips")
+    encoder = as_encoder(model)
+    model.to(device)
+    imgs = imgs.to(device)
+    meta = [None if m is None else m.to(device)
+            for m in (meta_week, meta_hour, meta_lat, meta_lon)]
+    with evaluation(model), deterministic_routing(model):
+        tokens = encoder_layer_tokens(encoder, imgs, *meta)
+        result = analyze_layer(encoder, imgs, *meta, layer=layer_index, measured_at="final",
+                               tokens=tokens)
+        moe_loss = float(_moe_loss(encoder, tokens.moe_inputs))
+    usage = result.usage.cpu().numpy()
+    counts_image = usage[image_index]
+
+    plot_expert_usage_bars(usage, title=f"Layer {layer_index}: expert routing (patch tokens)")
+    base_rgb = make_rgb(imgs, image_index, max_values=max_values, bands=rgb_bands)
+    plot_routing_assignment_with_dots(
+        base_rgb, assignment_map=result.top1[image_index].cpu().numpy(),
+        num_experts=result.num_experts, patch_size=encoder.patch_size,
+        title=f"Layer {layer_index}: top-1 expert per patch")
+    for maps, title, cmap in (
+            (result.contributions, "Contribution (||g_e·f_e||)", "plasma"),
+            (result.ablations, "Ablation Δ (||y - y_(-e)||)", "viridis")):
+        show_original_plus_expert_heatmaps(
+            list(maps[image_index].cpu().numpy()), base_rgb=base_rgb,
+            title=f"Layer {layer_index} • {title}", patch_size=encoder.patch_size, alpha=0.35,
+            cmap=cmap, routed_counts=counts_image, clip_percentile=99.0, show_standalone=True)
+    return {"num_experts": int(result.num_experts), "usage_image": counts_image,
+            "moe_loss": moe_loss}
