@@ -412,15 +412,15 @@ def outputs(notebook, kind: str):
 
 
 def test_analysis_notebooks_default_to_the_demo_checkpoint():
-    for name in ("moe_experiments", "explore_embedding_tsne"):
+    for name in ("expert_analysis", "explore_embedding_tsne"):
         notebook = nbformat.read(REPO / f"{name}.ipynb", as_version=4)
         code = [cell for cell in notebook.cells if cell.cell_type == "code"]
         assert "runs/demo/pretrain/pretrained_S_best.pth" in code[0].source, name
 
 
 @pytest.mark.slow
-def test_moe_experiments_notebook_runs(checkpoint):
-    notebook = run_notebook("moe_experiments", f"""
+def test_expert_analysis_notebook_runs(checkpoint):
+    notebook = run_notebook("expert_analysis", f"""
 CHECKPOINT = {str(checkpoint)!r}
 MODEL_SIZE = "XXS"
 DATASET_PATH = "sample_dataset"
@@ -439,9 +439,9 @@ DEVICE = "cpu"
 
 
 @pytest.mark.slow
-def test_moe_experiments_notebook_stops_without_a_checkpoint(tmp_path):
+def test_expert_analysis_notebook_stops_without_a_checkpoint(tmp_path):
     with pytest.raises(Exception, match="run `make demo` first"):
-        run_notebook("moe_experiments", f"""
+        run_notebook("expert_analysis", f"""
 CHECKPOINT = {str(tmp_path / "missing.pth")!r}
 MODEL_SIZE = "XXS"
 DATASET_PATH = "sample_dataset"

@@ -773,7 +773,12 @@ def _class_label(cls: int, class_names: Optional[Sequence[str]]) -> str:
 #   (mean and standard deviation over the chips) rather than raw counts, as the project's
 #   other usage figures do.
 
-from models.moe_mae import load_balancing_loss  # noqa: E402  (this section's own import)
+import io  # noqa: E402  (this section's own imports)
+
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import Normalize  # noqa: E402
+
+from models.moe_mae import load_balancing_loss  # noqa: E402
 
 _BEN_MEAN = list(BigEarthNetInfo.STATISTICS["mean"])
 _BEN_STD = list(BigEarthNetInfo.STATISTICS["std"])
@@ -781,15 +786,18 @@ _PUBLISHED_MAX_VALUES = (65454.0, 65454.0, 65330.308)  # the published notebook'
 
 
 def _show_figure(fig: Figure) -> None:
-    """Show a figure in a running notebook (what ``plt.show()`` does with the inline backend);
-    elsewhere nothing: the figure is not registered with pyplot, so nothing is left open."""
+    """Show a figure in a running notebook, as a PNG (what ``plt.show()`` does with the inline
+    backend, whichever backend is active); elsewhere nothing. The figure is not registered
+    with pyplot, so nothing is left open."""
     try:
         from IPython import get_ipython
-        from IPython.display import display
+        from IPython.display import Image, display
     except ImportError:
         return
     if get_ipython() is not None:
-        display(fig)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100, bbox_inches="tight")
+        display(Image(data=png.getvalue(), format="png"))
 
 
 def _first_patch_token(num_meta_tokens: int, has_cls: bool) -> int:
@@ -1016,15 +1024,14 @@ def show_original_plus_expert_heatmaps(maps_for_image, base_rgb, title: str = ""
     columns = 3 if show_standalone else 2
     fig = Figure(figsize=(5 * columns, 3 * max(num_experts, 1)), layout="constrained")
     axes = fig.subplots(max(num_experts, 1), columns, squeeze=False)
-    image = None
     for expert, heat in enumerate(maps):
         extent = (0, heat.shape[1] * patch_size, heat.shape[0] * patch_size, 0)
         original, overlay = axes[expert, 0], axes[expert, 1]
         original.imshow(base_rgb, extent=extent)
         original.set_title("Original")
         overlay.imshow(base_rgb, extent=extent)
-        image = overlay.imshow(heat, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax,
-                               interpolation="nearest", extent=extent)
+        overlay.imshow(heat, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax,
+                       interpolation="nearest", extent=extent)
         label = f"Expert {expert}"
         if routed_counts is not None:
             label += f" (tokens: {routed_counts[expert]})"
@@ -1037,8 +1044,9 @@ def show_original_plus_expert_heatmaps(maps_for_image, base_rgb, title: str = ""
             axes[expert, 2].set_title(f"Expert {expert} heatmap")
     for ax in axes.ravel():
         ax.axis("off")
-    if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.7, label="Activation / Δ")
+    if maps:  # the scale at full opacity, not the overlay's
+        fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap), ax=axes.ravel().tolist(),
+                     shrink=0.7, label="Activation / Δ")
     fig.suptitle(title, fontsize=14)
     _show_figure(fig)
 
