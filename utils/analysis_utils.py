@@ -854,7 +854,9 @@ def encoder_layer_states(encoder: nn.Module, imgs: torch.Tensor, meta_week=None,
     ``x_after_attn`` (the residual stream before the MoE), ``z_pre_moe`` (its ``norm2``, what
     the gate and the experts see) and ``x_out`` (the layer's output; after the final norm for
     the last layer, as ``encoder(...)`` returns it), each (B, L, dim); the summed
-    load-balancing loss (scalar tensor); the number of metadata tokens.
+    load-balancing loss (scalar tensor, from each layer's gate on ``z_pre_moe``: the forward
+    pass's loss in ``eval()`` or within :func:`deterministic_routing`; in training mode the gates
+    draw new noise for it); the number of metadata tokens.
     """
     encoder = as_encoder(encoder)
     with torch.no_grad():
