@@ -57,7 +57,7 @@ PUBLISHED_SIGNATURES = {
         ("maps_for_image", EMPTY), ("base_rgb", EMPTY), ("title", ""), ("patch_size", 16),
         ("alpha", 0.4), ("cmap", "plasma"), ("routed_counts", None),
         ("clip_percentile", 99.0), ("show_standalone", True)],
-    # + residual_base_tokens of the published repository's later revision
+    # + residual_base_tokens, an addition (trailing, default None)
     "compute_ablation_heatmaps": [
         ("layer_moe", EMPTY), ("x_tokens", EMPTY), ("patch_grid", EMPTY),
         ("num_meta_tokens", EMPTY), ("has_cls", True), ("propagate_through", None),
@@ -69,7 +69,7 @@ PUBLISHED_SIGNATURES = {
         ("img_tensor", EMPTY), ("max_values", EMPTY), ("bands", (3, 2, 1)),
         ("mean", BEN_MEAN), ("std", BEN_STD)],
     "safe_unnormalize": [("x", EMPTY), ("mean", None), ("std", None)],
-    # the later revision's helper behind encoder_tokens_per_layer
+    # an addition, the helper behind encoder_tokens_per_layer
     "encoder_layer_states": [
         ("encoder", EMPTY), ("imgs", EMPTY), ("meta_week", None), ("meta_hour", None),
         ("meta_lat", None), ("meta_lon", None)],

@@ -766,9 +766,10 @@ def _class_label(cls: int, class_names: Optional[Sequence[str]]) -> str:
 # * ``layer_report_simple`` reads a layer's routing, contributions and ablations from what its
 #   MoE sees (``norm2`` of the residual stream, :func:`analyze_layer`), and measures the
 #   ablation after the remaining layers, residual included, and the final norm: the maps of
-#   the published repository's later revision, and of ``analyze_experts.py``. (Its first
-#   revision routed each layer's *output* through the layer's gate, and ablated without the
-#   residual.) ``compute_ablation_heatmaps`` takes that revision's ``residual_base_tokens``.
+#   ``analyze_experts.py``. (The published report routes each layer's *output* through that
+#   layer's gate, and ablates without the residual.) For that, two additions:
+#   :func:`encoder_layer_states` and the trailing ``residual_base_tokens=None`` of
+#   ``compute_ablation_heatmaps`` (published calls are unchanged).
 # * ``plot_expert_usage_bars`` draws each expert's share of a chip's routed patch tokens
 #   (mean and standard deviation over the chips) rather than raw counts, as the project's
 #   other usage figures do.
