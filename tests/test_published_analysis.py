@@ -23,6 +23,7 @@ from utils.data_utils import rgb_bands, stretch, unnormalize
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_dataset"
 GRID, K, META = 10, 2, 4
+CHIPS = 3
 LAYERS = (0, 3, 8)  # the first layer of each stage: 3, 4 and 5 experts
 BEN_MEAN, BEN_STD = BigEarthNetInfo.STATISTICS["mean"], BigEarthNetInfo.STATISTICS["std"]
 EMPTY = inspect.Parameter.empty
@@ -111,9 +112,9 @@ def mae():
 
 @pytest.fixture(scope="module")
 def batch():
-    """The first 4 bundled test chips: imgs (4, 7, 40, 40) and the 4 metas (4, 2)."""
+    """The first CHIPS bundled test chips: imgs (CHIPS, 7, 40, 40) and 4 metas (CHIPS, 2)."""
     dataset = build_bigearthnet(SAMPLE, SAMPLE / "bigearthnet-test.csv", supervised=False)
-    imgs, _, *meta = default_collate([dataset[i] for i in range(4)])
+    imgs, _, *meta = default_collate([dataset[i] for i in range(CHIPS)])
     return imgs, meta
 
 
@@ -160,7 +161,7 @@ def test_encoder_tokens_per_layer_are_the_layer_outputs(mae, batch, states, toke
     reference = tokens
     normed, encoder_loss, _ = encoder(imgs, *meta)
     assert num_meta == META and len(tokens_by_layer) == len(encoder.layers) == 9
-    assert all(t.shape == (4, META + 1 + GRID * GRID, encoder.embed_dim) for t in tokens_by_layer)
+    assert all(t.shape == (CHIPS, META + 1 + GRID * GRID, encoder.embed_dim) for t in tokens_by_layer)
     for layer in range(8):
         torch.testing.assert_close(tokens_by_layer[layer], reference.outputs[layer])
         torch.testing.assert_close(states[0][layer]["z_pre_moe"], reference.moe_inputs[layer])
@@ -176,7 +177,7 @@ def test_routing_assignment_and_usage_are_the_project_routing(mae, states, proje
     x = moe_input(states, layer)
     assign, usage = analysis.routing_assign_and_usage_for_layer(moe, x, GRID)
     expected = project[layer, "final"]
-    assert assign.shape == (4, GRID, GRID) and usage.shape == (4, moe.num_experts)
+    assert assign.shape == (CHIPS, GRID, GRID) and usage.shape == (CHIPS, moe.num_experts)
     assert assign.dtype == usage.dtype == np.int64
     np.testing.assert_array_equal(assign, expected.top1.numpy())
     np.testing.assert_array_equal(usage, expected.usage.numpy())
@@ -221,16 +222,16 @@ def test_deterministic_routing_removes_the_noise_and_restores_the_modes(mae, sta
 def test_contribution_maps_are_the_project_maps(mae, states, project, layer):
     moe = mae.encoder.layers[layer].moe
     contributions = analysis.get_expert_contributions_for_layer(moe, moe_input(states, layer))
-    assert contributions.shape == (4, META + 1 + GRID * GRID, moe.num_experts)
+    assert contributions.shape == (CHIPS, META + 1 + GRID * GRID, moe.num_experts)
     assert torch.isfinite(contributions).all() and (contributions >= 0).all()
     maps = analysis.tokens_to_patch_maps(contributions, GRID)
-    assert len(maps) == 4 and all(len(m) == moe.num_experts for m in maps)
+    assert len(maps) == CHIPS and all(len(m) == moe.num_experts for m in maps)
     assert all(m.shape == (GRID, GRID) and isinstance(m, np.ndarray) for row in maps for m in row)
-    stacked = np.array(maps)  # (4, E, G, G)
+    stacked = np.array(maps)  # (CHIPS, E, G, G)
     np.testing.assert_allclose(stacked, project[layer, "final"].contributions.numpy(), rtol=1e-6)
     # zero exactly where a patch does not route to the expert
-    routed = project[layer, "final"].gates.numpy() > 0  # (4, patches, E)
-    assert np.array_equal(stacked.reshape(4, moe.num_experts, -1).transpose(0, 2, 1) > 0, routed)
+    routed = project[layer, "final"].gates.numpy() > 0  # (CHIPS, patches, E)
+    assert np.array_equal(stacked.reshape(CHIPS, moe.num_experts, -1).transpose(0, 2, 1) > 0, routed)
 
 
 def test_tokens_to_patch_maps_needs_the_patch_tokens_only():
@@ -249,7 +250,7 @@ def test_ablation_maps_are_the_project_maps(mae, states, project, layer):
     final = analysis.compute_ablation_heatmaps(
         moe, x, GRID, META, propagate_through=encoder.layers[layer + 1:], layer_norm=encoder.norm,
         residual_base_tokens=states[0][layer]["x_after_attn"])
-    assert isinstance(final, np.ndarray) and final.shape == (4, moe.num_experts, GRID, GRID)
+    assert isinstance(final, np.ndarray) and final.shape == (CHIPS, moe.num_experts, GRID, GRID)
     assert np.isfinite(final).all() and (final >= 0).all() and final.max() > 0
     np.testing.assert_allclose(final, project[layer, "final"].ablations.numpy(), atol=2e-5)
     at_layer = analysis.compute_ablation_heatmaps(moe, x, GRID, META)
@@ -362,8 +363,8 @@ def test_layer_report_simple(mae, batch, project, shown):
 
 def test_layer_report_simple_bad_arguments(mae, batch):
     imgs, meta = batch
-    with pytest.raises(ValueError, match="image_index 4 does not exist: the batch has 4 chips"):
-        analysis.layer_report_simple(mae, imgs, *meta, image_index=4, device="cpu")
+    with pytest.raises(ValueError, match="image_index 3 does not exist: the batch has 3 chips"):
+        analysis.layer_report_simple(mae, imgs, *meta, image_index=3, device="cpu")
     with pytest.raises(ValueError, match="layer 9 does not exist"):
         analysis.layer_report_simple(mae, imgs, *meta, layer_index=9, device="cpu")
     if not torch.cuda.is_available():
@@ -379,8 +380,8 @@ def published_loader(csv_file, root, batch_size):
 
 
 def test_layer_report_on_a_folder_with_an_unlabelled_patch(tmp_path, mae, shown):
-    sample, _ = published_loader(SAMPLE / "bigearthnet-test.csv", SAMPLE, 5)
-    names = sample.patch_ids[:5]
+    sample, _ = published_loader(SAMPLE / "bigearthnet-test.csv", SAMPLE, 3)
+    names = sample.patch_ids[:3]
     for folder in ("images", "labels"):
         (tmp_path / folder).mkdir()
     for name in names:
@@ -388,9 +389,9 @@ def test_layer_report_on_a_folder_with_an_unlabelled_patch(tmp_path, mae, shown)
     for name in names[1:]:  # the first patch has no label file
         shutil.copy(sample.label_path(name), tmp_path / "labels")
     (tmp_path / "samples.csv").write_text("\n".join(names) + "\n")
-    dataset, loader = published_loader(tmp_path / "samples.csv", tmp_path, 5)
+    dataset, loader = published_loader(tmp_path / "samples.csv", tmp_path, 3)
     imgs, labels, *meta = next(iter(loader(dataset)))
-    assert len(imgs) == 5 and labels.numel() == 0
+    assert len(imgs) == 3 and labels.numel() == 0
     report = analysis.layer_report_simple(mae, imgs, *meta, image_index=0, layer_index=8,
                                           device="cpu")
     assert report["num_experts"] == 5 and report["usage_image"].sum() == K * GRID * GRID
@@ -398,11 +399,11 @@ def test_layer_report_on_a_folder_with_an_unlabelled_patch(tmp_path, mae, shown)
 
 
 def test_layer_report_on_the_real_tiles(real_sample, mae, shown):
-    dataset, loader = published_loader(real_sample / "samples.csv", real_sample, 4)
+    dataset, loader = published_loader(real_sample / "samples.csv", real_sample, 3)
     unlabelled = [i for i, name in enumerate(dataset.patch_ids)
                   if not dataset.label_path(name).exists()]
     assert len(unlabelled) == 1
-    imgs, _, *meta = next(iter(loader(Subset(dataset, unlabelled + [0, 1, 2]))))
+    imgs, _, *meta = next(iter(loader(Subset(dataset, unlabelled + [0, 1]))))
     report = analysis.layer_report_simple(mae, imgs, *meta, image_index=0, layer_index=7,
                                           device="cpu")
     assert report["num_experts"] == 5 and report["usage_image"].sum() == K * GRID * GRID
