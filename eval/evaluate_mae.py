@@ -5,6 +5,10 @@ samples of the split:
 
 * ``masked_loss``, ``unmasked_loss``: squared error summed over a patch's p*p*C normalised
   values, averaged over the masked (resp. visible) patches, at the training mask ratio;
+* ``mean_patch_baseline_loss``: the masked loss of a model-free guess, for scale: every masked
+  patch predicted by the mean patch of its chip's visible patches (per pixel position and
+  band, normalised values), with the same masks; see :func:`mean_patch_baseline`. A model
+  that has learnt anything about the chips scores clearly below it;
 * ``moe_loss``: the encoder's load-balancing loss; ``total_loss``: masked + 0.1 unmasked +
   0.5 MoE, as in training;
 * ``full_loss``: mean squared error per normalised value with nothing masked (the published
@@ -70,7 +74,7 @@ class MAEEvaluator:
         mae, device = self.model, self.device
         generator = torch.Generator().manual_seed(eval_cfg["seed"])
         bands = len(BigEarthNetInfo.BAND_NAMES)
-        sums = {"masked": 0.0, "unmasked": 0.0, "moe": 0.0, "full": 0.0}
+        sums = {"masked": 0.0, "unmasked": 0.0, "moe": 0.0, "full": 0.0, "baseline": 0.0}
         sq_dn = {"masked": torch.zeros(bands, dtype=torch.float64),
                  "full": torch.zeros(bands, dtype=torch.float64)}
         count_dn = {"masked": torch.zeros(bands, dtype=torch.float64),
@@ -87,6 +91,7 @@ class MAEEvaluator:
             sums["unmasked"] += unmasked.item() * n
             sums["moe"] += moe.item() * n
             sums["full"] += (pred_full - mae.patchify(imgs)).pow(2).mean().item() * n
+            sums["baseline"] += mean_patch_baseline(mae.patchify(imgs), mask).item() * n
             samples += n
 
             original = self._to_dn(imgs)
@@ -102,7 +107,9 @@ class MAEEvaluator:
                     figures.append((original[i], pixel_mask[i], recon[i], recon_full[i],
                                     self.dataset_id(samples - n + i)))
 
-        metrics = {f"{k}_loss": v / samples for k, v in sums.items() if k != "full"}
+        metrics = {f"{k}_loss": v / samples for k, v in sums.items()
+                   if k not in ("full", "baseline")}
+        metrics["mean_patch_baseline_loss"] = sums["baseline"] / samples
         w_unmasked = eval_cfg["loss_unmasked_weight"]
         w_moe = eval_cfg["loss_moe_weight"]
         metrics["total_loss"] = (metrics["masked_loss"] + w_unmasked * metrics["unmasked_loss"]
@@ -162,6 +169,23 @@ class MAEEvaluator:
                 saved.append(save_panels(out_dir / f"result_full_{index:03d}.png", panels,
                                          patch_id))
         return saved
+
+
+def mean_patch_baseline(patches: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked loss of predicting each masked patch by the mean of its chip's visible patches.
+
+    ``patches``: (B, N, p*p*C) normalised target patches (``MOEMAE.patchify``); ``mask``:
+    (B, N), 1 where a patch is masked. The prediction for every masked patch of chip b is
+    the (p*p*C,) mean over chip b's visible patches; the score is the one of
+    ``MOEMAE.reconstruction_losses``: squared error summed over a patch's values, averaged
+    over the masked patches of the batch. Returns a 0-d tensor.
+    """
+    patches, mask = patches.float(), mask.float()
+    visible = (1 - mask).unsqueeze(-1)
+    mean_patch = ((patches * visible).sum(1, keepdim=True)
+                  / visible.sum(1, keepdim=True).clamp(min=1))
+    per_patch = (patches - mean_patch).pow(2).sum(-1)
+    return (per_patch * mask).sum() / mask.sum().clamp(min=1)
 
 
 def save_panels(path: Path, panels, title: str, masked: Optional[torch.Tensor] = None) -> str:

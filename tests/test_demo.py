@@ -34,3 +34,18 @@ def test_majority_baseline():
     # (chip, label) pairs, the two scored 0.75 hold one positive (precision 1/2 at recall 1/2),
     # all four hold two (precision 2/4 at recall 1): micro AP = 0.5 * 1/2 + 0.5 * 2/4
     assert demo.majority_baseline(multi_train, multi_test) == pytest.approx(0.5)
+
+
+def test_demo_pretraining_step_runs_again_over_an_earlier_demo(tmp_path, monkeypatch, capsys,
+                                                               exit_status):
+    """`make demo` twice: the second pretraining replaces the first run's outputs instead of
+    refusing the folder (one XXS epoch each, for speed)."""
+    import pretrain_mae
+
+    monkeypatch.chdir(REPO)
+    args = demo.pretraining_args(tmp_path, epochs=1) + ["--set", "model.size=XXS"]
+    assert exit_status(pretrain_mae.main, args) == 0
+    first = (tmp_path / "pretrain" / "pretrained_XXS_best.pth").stat().st_mtime_ns
+    assert exit_status(pretrain_mae.main, args) == 0
+    assert "--overwrite: removed the earlier run" in capsys.readouterr().out
+    assert (tmp_path / "pretrain" / "pretrained_XXS_best.pth").stat().st_mtime_ns > first

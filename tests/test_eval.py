@@ -84,3 +84,34 @@ def test_evaluation_errors_are_one_line(tmp_path, published_checkpoint, capsys, 
     assert exit_status(eval_mae.main,
                        ["--config_yaml", config, "--set", "eval.mask_ratio=1.5"]) == 2
     assert "'eval.mask_ratio' must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_mean_patch_baseline_predicts_the_visible_mean_patch():
+    from eval.evaluate_mae import mean_patch_baseline
+
+    # one chip, four 2-value patches; patches 0 and 3 masked: the guess is the mean of the
+    # visible [1, 2] and [3, 4], i.e. [2, 3]; squared errors 4 + 9 and 0 + 4, mean 8.5
+    patches = torch.tensor([[[0.0, 0.0], [1.0, 2.0], [3.0, 4.0], [2.0, 5.0]]])
+    mask = torch.tensor([[1, 0, 0, 1]])
+    assert mean_patch_baseline(patches, mask).item() == pytest.approx(8.5)
+    # scored as the model's masked loss: a model that predicts that guess scores the same
+    with torch.random.fork_rng():  # leaves the global generator as it was
+        mae = build_mae("XXS")
+    imgs = torch.randn(3, 7, 40, 40, generator=torch.Generator().manual_seed(0))
+    mask = (torch.rand(3, mae.encoder.num_patches, generator=torch.Generator().manual_seed(1))
+            < 0.75).long()
+    target = mae.patchify(imgs)
+    visible = (1 - mask).unsqueeze(-1)
+    guess = ((target * visible).sum(1, keepdim=True) / visible.sum(1, keepdim=True)
+             ).expand_as(target)
+    masked_loss, _ = mae.reconstruction_losses(imgs, guess, mask)
+    assert mean_patch_baseline(target, mask).item() == pytest.approx(masked_loss.item())
+
+
+def test_eval_metrics_carry_the_mean_patch_baseline(tmp_path, published_checkpoint, exit_status):
+    config = published_config(tmp_path, published_checkpoint)
+    assert exit_status(eval_mae.main, ["--config_yaml", config, "--set", "eval.max_images=0"]) == 0
+    metrics = json.loads((tmp_path / "recon" / "eval_metrics.json").read_text())
+    # the synthetic chips vary within a chip: the guess is far from perfect, but finite
+    assert 0 < metrics["mean_patch_baseline_loss"] < float("inf")
+    assert metrics["mean_patch_baseline_loss"] != metrics["masked_loss"]
