@@ -78,12 +78,21 @@ class LandsatScene:
         """(7, height, width) uint16 digital numbers of the window at (row, col)."""
         window = Window(col, row, width, height)
         try:
-            if len(self._datasets) == 1:
+            if len(self.band_files) == 1:
                 return self._open()[0].read(window=window)
             return np.stack([src.read(1, window=window) for src in self._open()[:len(SR_BANDS)]])
         except RasterioError as exc:
             raise UserInputError(f"{self.source}: cannot read the window at row {row}, col "
                                  f"{col}: {error_text(exc)}") from None
+
+    def read_decimated(self, height: int, width: int) -> np.ndarray:
+        """(7, height, width) uint16: the whole scene resampled (nearest) to a small size, for
+        quicklooks; GDAL streams the file, memory follows the output."""
+        datasets = self._open()
+        if len(self.band_files) == 1:
+            return datasets[0].read(out_shape=(len(SR_BANDS), height, width))
+        return np.stack([src.read(1, out_shape=(height, width))
+                         for src in datasets[:len(SR_BANDS)]])
 
     def read_qa(self, row: int, col: int, height: int, width: int) -> Optional[np.ndarray]:
         """(height, width) uint16 QA_PIXEL of the window, or None without a QA file."""
