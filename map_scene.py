@@ -37,6 +37,7 @@ from typing import Optional
 
 import joblib
 import numpy as np
+import rasterio
 import torch
 import torch.distributed as torch_dist
 import yaml
@@ -54,7 +55,7 @@ from utils.config import (Field, config_arguments, dump_config, fraction, load_c
 from utils.data_utils import rgb_bands, save_figure, stretch, stretch_limits
 from utils.errors import UserInputError, run_cli
 from utils.files import check_output_dir, write_json
-from utils.geotiff import BLOCK, write_geotiff
+from utils.geotiff import BLOCK, GDAL_CACHEMAX_MB, write_geotiff
 from utils.runtime import (autocast_dtype, select_device, setup_distributed,
                            teardown_distributed)
 
@@ -410,6 +411,13 @@ def main(argv=None) -> int:
     args = config_arguments("Map a Landsat scene with a frozen encoder and a probe.").parse_args(
         argv)
     config = load_config(args.config_yaml, SCHEMA, args.set)
+    # GDAL's block cache would otherwise grow to 5% of the RAM with the scene's strips
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX_MB):
+        return map_scene(config)
+
+
+def map_scene(config: dict) -> int:
+    """Map the scene of a validated config (see the module docstring)."""
     model_cfg, scene_cfg, embed_cfg = config["model"], config["scene"], config["embed"]
     out = Path(config["output"]["dir"])
     check_output_dir(out, "output.dir")

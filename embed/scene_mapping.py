@@ -115,17 +115,35 @@ def shard_rows(grid: ChipGrid, rows_per_band: int, rank: int, world_size: int) -
     return range(min(first * rows_per_band, grid.rows), min(last * rows_per_band, grid.rows))
 
 
-def chip_status(pixels: np.ndarray, qa: Optional[np.ndarray], grid: ChipGrid,
+def read_band(scene: LandsatScene, grid: ChipGrid, rows: range
+              ) -> Tuple[np.ndarray, Optional[np.ndarray], int]:
+    """The pixels of chip rows ``rows``: (7, H, W) digital numbers, (H, W) QA_PIXEL or None,
+    and the pixel step between chip rows in them. Chips that overlap or touch (stride <= chip)
+    are read as one window (step = stride); farther apart, each chip row's strip is read
+    alone and the strips stacked (step = chip), so the rows between them are never read."""
+    width = (grid.cols - 1) * grid.stride + grid.chip
+    if grid.stride <= grid.chip:
+        top, height = rows.start * grid.stride, (len(rows) - 1) * grid.stride + grid.chip
+        return scene.read(top, 0, height, width), scene.read_qa(top, 0, height, width), \
+            grid.stride
+    strips = [(scene.read(r * grid.stride, 0, grid.chip, width),
+               scene.read_qa(r * grid.stride, 0, grid.chip, width)) for r in rows]
+    qa = None if strips[0][1] is None else np.concatenate([q for _, q in strips])
+    return np.concatenate([p for p, _ in strips], axis=1), qa, grid.chip
+
+
+def chip_status(pixels: np.ndarray, qa: Optional[np.ndarray], grid: ChipGrid, row_step: int,
                 settings: ChipSettings) -> np.ndarray:
     """(band rows, cols) status codes of the chips of a row band.
 
-    pixels: (7, H, W) the band's digital numbers; qa: (H, W) QA_PIXEL or None.
+    pixels: (7, H, W) the band's digital numbers; qa: (H, W) QA_PIXEL or None; row_step:
+    pixels between chip rows (see :func:`read_band`).
     """
     fill = (pixels == 0).any(axis=0)
     flagged = fill if qa is None else fill | ((qa & settings.qa_mask) != 0)
 
     def share(mask: np.ndarray) -> np.ndarray:
-        windows = sliding_window_view(mask, (grid.chip, grid.chip))[::grid.stride, ::grid.stride]
+        windows = sliding_window_view(mask, (grid.chip, grid.chip))[::row_step, ::grid.stride]
         return windows.mean(axis=(-2, -1))[:, :grid.cols]
 
     status = np.full(share(flagged).shape, MAPPED, np.uint8)
@@ -161,17 +179,15 @@ def map_rows(encoder, scene: LandsatScene, grid: ChipGrid, rows: range, settings
                                                                  settings.legacy_hour))
     for start in range(rows.start, rows.stop, settings.rows_per_band):
         band_rows = range(start, min(start + settings.rows_per_band, rows.stop))
-        top, height = start * grid.stride, (len(band_rows) - 1) * grid.stride + grid.chip
-        width = (grid.cols - 1) * grid.stride + grid.chip
-        pixels = scene.read(top, 0, height, width)
-        status = chip_status(pixels, scene.read_qa(top, 0, height, width), grid, settings)
+        pixels, qa, row_step = read_band(scene, grid, band_rows)
+        status = chip_status(pixels, qa, grid, row_step, settings)
         chip_r, chip_c = np.nonzero(status == MAPPED)
         embeddings = np.full((len(band_rows), grid.cols, embed_dim), np.nan, np.float32)
         scores = None if probe is None else \
             np.full((len(band_rows), grid.cols, num_scores), np.nan, np.float32)
         if len(chip_r):
             windows = sliding_window_view(pixels, (grid.chip, grid.chip), axis=(1, 2))
-            chips = windows[:, chip_r * grid.stride, chip_c * grid.stride]  # (7, n, chip, chip)
+            chips = windows[:, chip_r * row_step, chip_c * grid.stride]  # (7, n, chip, chip)
             images = normalize(torch.from_numpy(
                 np.ascontiguousarray(chips.transpose(1, 0, 2, 3), dtype=np.float32)))
             metas = [None] * 4

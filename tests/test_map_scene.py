@@ -326,7 +326,7 @@ def test_torchrun_with_two_processes_writes_the_single_process_maps(tmp_path, sc
     outputs = {}
     for processes in (0, 2):
         out = tmp_path / f"out{processes}"
-        result = map_in_subprocess(run(CONFIG, out, f"probe.path={probe}", "scene.stride=20",
+        result = map_in_subprocess(run(CONFIG, out, f"probe.path={probe}", "scene.stride=40",
                                        "scene.rows_per_band=2", "output.quicklook=false",
                                        scene=scene_dir), torchrun=processes)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -365,6 +365,6 @@ def test_peak_memory_does_not_grow_with_the_scene(tmp_path, checkpoint):
         record = json.loads((tmp_path / f"out{side}" / "map_scene.json").read_text())
         assert record["counts"]["mapped"] > 0
         shutil.rmtree(scene)
-    scene_bytes = 6000 * 6000 * 7 * 2  # 504 MB: the large scene's pixels
-    assert peaks[6000] - peaks[3000] < 40e6, peaks  # the scene grew by 378 MB
-    assert peaks[6000] < scene_bytes, peaks
+    scene_growth = (6000 ** 2 - 3000 ** 2) * 7 * 2  # 378 MB more pixels
+    # what remains grows with the scene's width (one row band), not with its area
+    assert peaks[6000] - peaks[3000] < 0.1 * scene_growth, peaks
