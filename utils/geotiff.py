@@ -66,8 +66,3 @@ def write_geotiff(path, blocks: Iterable[Tuple[int, np.ndarray]], *, count: int,
             dst.build_overviews(overview_factors(height, width), resampling)
             dst.update_tags(ns="rio_overview", resampling=resampling.name)
 
-
-def read_geotiff(path: Path) -> np.ndarray:
-    """(count, height, width) array of a whole (small) raster, for tests and figures."""
-    with rasterio.open(path) as src:
-        return src.read()
