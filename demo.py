@@ -35,6 +35,7 @@ from sklearn.metrics import accuracy_score, average_precision_score
 import analyze_experts
 import compute_embeddings
 import eval_mae
+import map_scene
 import pretrain_mae
 import train_logistic_regression
 from utils.errors import UserInputError, run_cli
@@ -82,6 +83,18 @@ def pretraining_args(out: Path, epochs: Optional[int] = None) -> list:
             *([] if epochs is None else ["--set", f"training.epochs={epochs}"])]
 
 
+def map_demo_scene(out: Path, probe_record: str) -> None:
+    """Map a synthetic Landsat scene (sample_dataset/generate_scene.py) with the EuroSAT-L
+    probe: embeddings, probabilities, classes and a quicklook in ``<out>/scene_map``."""
+    from sample_dataset.generate_scene import generate_scene
+
+    generate_scene(out / "scene", 1200, 1200)
+    step("scene map", map_scene, ["--config_yaml", "configs/map_scene.yaml",
+                                  "--set", f"scene.path={out / 'scene'}",
+                                  "--set", f"probe.path={probe_record}",
+                                  "--set", f"output.dir={out / 'scene_map'}"])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run the whole pipeline on sample_dataset.")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
@@ -107,6 +120,7 @@ def main(argv=None) -> int:
                                         True, out),
         "eurosat_cls": probe("eurosat_S_cls", embeddings / "eurosat_S_cls", False, out),
     }
+    map_demo_scene(out, probes["eurosat_cls"]["record"])
     step("expert analysis", analyze_experts, [
         "--config_yaml", "configs/analyze_experts.yaml", "--set",
         f"model.checkpoint_path={checkpoint}", "--set", f"output.dir={out / 'analysis'}"])
