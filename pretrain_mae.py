@@ -16,7 +16,10 @@ plus ``expert_usage_{size}.csv``, ``training_curves_{size}.png`` and the resolve
 ``--resume`` continues from ``pretrained_{size}_last.pth`` (else the published
 ``checkpoint_{size}.pth``): same learning rate at the same step, the remaining epochs only;
 checkpoints of the published code (model, optimizer, scaler, epoch, best loss) resume too.
-A non-finite loss stops the run at once (exit status 1), keeping the last good checkpoint.
+A non-finite loss stops the run (exit status 1) within ``training.check_finite_every`` steps
+and always before the epoch's checkpoint, keeping the last good checkpoint; the check stays on
+the device between reads, so a GPU is not stalled every step. ``mixed_precision``: bf16 or fp16
+autocast (fp16 with a ``torch.amp.GradScaler``) on any device, CPU included.
 
 One run per folder: the run holds an exclusive lock on ``training.weight_path/.run.lock`` for
 its whole life (a second run into the folder exits 2 naming the holder's pid), and a fresh run
@@ -57,7 +60,7 @@ from models.moe_mae import MAEObjective, build_mae
 from scheduler.schedulers import WarmupCosineLR
 from utils.analysis_utils import RoutingCounter
 from utils.checkpoint import (FORMAT_VERSION, apply_weights, load_checkpoint, rng_state,
-                              set_rng_state)
+                              scaler_state, set_rng_state)
 from utils.config import (Field, config_arguments, dump_config, fraction, load_config,
                           model_fields, non_negative, positive, seed_range, unit_interval_open)
 from utils.errors import UserInputError, run_cli
@@ -93,7 +96,12 @@ SCHEMA = {
         "loss_moe_weight": Field("float", 0.5, check=non_negative),
         "seed": Field("int", 0, check=seed_range),
         "device": Field("str", "auto"),
-        "mixed_precision": Field("str", "auto", choices=("auto", "bf16", "fp16", "none")),
+        "mixed_precision": Field("str", "auto", choices=("auto", "bf16", "fp16", "none"),
+                                 help="auto: bf16 (else fp16) on CUDA, off elsewhere; bf16 and "
+                                      "fp16 on any device; fp16 with a GradScaler"),
+        "check_finite_every": Field("int", 50, check=positive,
+                                    help="steps between the host's reads of the non-finite "
+                                         "check (and at every epoch end)"),
         "legacy_hour": Field("bool", False),
         "skip_invalid": Field("bool", False, help="skip patches whose image file is missing"),
         "max_chip_size": Field("int", MAX_CHIP_SIZE, check=positive,
@@ -224,13 +232,46 @@ def to_device(batch, device):
             [m.to(device, non_blocking=True) for m in meta])
 
 
+class NonFiniteWatch:
+    """The first step of an epoch whose loss is not finite, recorded on the device so that no
+    step waits for the host. :meth:`check` reads it (the host synchronisation; every process
+    together under DDP) and raises :class:`NonFiniteLoss`. Updates made after the bad step
+    and before the check are lost with the run: the loop checks at the end of every epoch,
+    before any checkpoint is written, so none reaches a checkpoint."""
+
+    def __init__(self, steps: int, device):
+        self.steps = steps
+        self.first_step = torch.full((), steps, dtype=torch.int64, device=device)  # none yet
+        self.first_loss = torch.zeros((), dtype=torch.float64, device=device)
+
+    def record(self, step: int, loss: torch.Tensor) -> None:
+        new = ~torch.isfinite(loss) & (self.first_step == self.steps)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.first_loss = torch.where(new, loss.detach().double(), self.first_loss)
+
+    def check(self, epoch: int, dist: Distributed) -> None:
+        first = self.first_step.clone()
+        if dist.world_size > 1:  # the earliest bad step of any process stops every process
+            torch_dist.all_reduce(first, op=torch_dist.ReduceOp.MIN)
+        first = int(first)
+        if first < self.steps:
+            where = (f"{self.first_loss.item()} on process {dist.rank}"
+                     if int(self.first_step) == first else "on another process")
+            raise NonFiniteLoss(f"non-finite loss ({where}) at epoch {epoch + 1}, "
+                                f"step {first + 1} of {self.steps}")
+
+
 def train_one_epoch(objective, loader, optimizer, scheduler, scaler, epoch: int, epochs: int,
-                    device, amp_dtype, grad_clip, dist: Distributed) -> Dict[str, float]:
+                    device, amp_dtype, grad_clip, check_every: int,
+                    dist: Distributed) -> Dict[str, float]:
     """One pass over the loader; the learning rate is set before every step from the global
-    step. Returns the epoch's mean losses and learning rate (over all ranks)."""
+    step. The host reads device values only every ``check_every`` steps and at the end (the
+    non-finite check, the progress bar), so a GPU is never stalled per step. Returns the
+    epoch's mean losses and learning rate (over all ranks)."""
     objective.train()
     steps = len(loader)
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, masked, unmasked, moe
+    watch = NonFiniteWatch(steps, device)
     lr_sum = 0.0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", mininterval=1.0, leave=False,
                disable=not (dist.is_main and sys.stderr.isatty()))  # logs get the epoch line
@@ -242,24 +283,21 @@ def train_one_epoch(objective, loader, optimizer, scheduler, scaler, epoch: int,
             losses = objective(imgs, *meta)
         values = torch.stack([losses["loss"], losses["masked"], losses["unmasked"],
                               losses["moe"]]).detach().double()
-        finite = torch.isfinite(values[0]).to(torch.int32)
-        if dist.world_size > 1:  # every process stops together, before the gradient all-reduce
-            torch_dist.all_reduce(finite, op=torch_dist.ReduceOp.MIN)
-        if not finite.item():
-            raise NonFiniteLoss(f"non-finite loss ({values[0].item()} on process {dist.rank}) "
-                                f"at epoch {epoch + 1}, step {step + 1} of {steps}")
+        watch.record(step, values[0])
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
         if grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # fused AdamW: the fp16 inf check stays on the device too
         scaler.update()
         sums += values
-        if dist.is_main and (step % 10 == 0 or step == steps - 1):
-            mean = (sums / (step + 1)).tolist()
-            bar.set_postfix(loss=f"{mean[0]:.4f}", masked=f"{mean[1]:.4f}",
-                            unmasked=f"{mean[2]:.4f}", moe=f"{mean[3]:.4f}", lr=f"{lr:.2e}")
+        if (step + 1) % check_every == 0 or step == steps - 1:
+            watch.check(epoch, dist)
+            if not bar.disable:
+                mean = (sums / (step + 1)).tolist()
+                bar.set_postfix(loss=f"{mean[0]:.4f}", masked=f"{mean[1]:.4f}",
+                                unmasked=f"{mean[2]:.4f}", moe=f"{mean[3]:.4f}", lr=f"{lr:.2e}")
     if dist.world_size > 1:
         torch_dist.all_reduce(sums)
     loss, masked, unmasked, moe = (sums / (steps * dist.world_size)).tolist()
@@ -309,7 +347,7 @@ def checkpoint_dict(mae, optimizer, scaler, epoch, steps_per_epoch, best_loss, b
         "world_size": dist.world_size,
         "model_state": mae.state_dict(),
         "opt_state": optimizer.state_dict(),
-        "scaler_state": scaler.state_dict(),
+        "scaler_state": scaler_state(scaler),
         "best_loss": best_loss,
         "best_metric": best_metric,
         "best_epoch": best_epoch,  # the epoch whose checkpoint pretrained_{size}_best.pth is
@@ -547,7 +585,8 @@ def run(config, model_cfg, train_cfg, files: RunFiles, resume_run: bool,
         start = time.perf_counter()
         try:
             metrics = train_one_epoch(objective, loader, optimizer, scheduler, scaler, epoch,
-                                      epochs, device, amp_dtype, train_cfg["grad_clip"], dist)
+                                      epochs, device, amp_dtype, train_cfg["grad_clip"],
+                                      train_cfg["check_finite_every"], dist)
         except NonFiniteLoss as exc:
             last_good = files.last if files.last.is_file() else None
             print(f"error: {exc}; stopping. Last good checkpoint: "

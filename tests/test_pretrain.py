@@ -145,24 +145,62 @@ def test_published_config_runs_unchanged(tmp_path, exit_status):
     assert (tmp_path / "run" / "pretrained_XXS_best.pth").is_file()
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys,
-                                                                  exit_status):
-    config = write_config(tmp_path, epochs=3)
+@pytest.mark.parametrize("check_every,poisoned_call,calls_run,last_epoch", [
+    (4, 8, 10, 0),   # epoch 2, step 2 of 6: found at the check after step 4
+    (50, 6, 6, None),  # the last step of epoch 1: found before its checkpoint is written
+])
+def test_non_finite_loss_stops_and_no_checkpoint_holds_the_bad_update(
+        tmp_path, monkeypatch, capsys, exit_status, check_every, poisoned_call, calls_run,
+        last_epoch):
+    config = write_config(tmp_path, epochs=3, check_finite_every=check_every)
     real_forward = MAEObjective.forward
     calls = []
 
     def poisoned(self, *args, **kwargs):
         losses = real_forward(self, *args, **kwargs)
         calls.append(1)
-        if len(calls) == 8:  # epoch 2 (6 steps per epoch), step 2
+        if len(calls) == poisoned_call:
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
     monkeypatch.setattr(MAEObjective, "forward", poisoned)
     assert exit_status(pretrain_mae.main, ["--config_yaml", config]) == 1
     err = capsys.readouterr().err
-    assert "non-finite loss (nan" in err and "epoch 2, step 2" in err
-    last = torch.load(tmp_path / "run" / "pretrained_XXS_last.pth", weights_only=True)
-    assert last["epoch"] == 0
-    assert all(torch.isfinite(v).all() for v in last["model_state"].values())
-    assert len(read_rows(tmp_path / "run" / "training_metrics_XXS.csv")) == 1
+    epoch, step = divmod(poisoned_call - 1, 6)
+    assert "non-finite loss (nan on process 0)" in err
+    assert f"epoch {epoch + 1}, step {step + 1} of 6" in err
+    assert len(calls) == calls_run  # no step waits for the host, none runs past the bound
+    run = tmp_path / "run"
+    if last_epoch is None:
+        assert not list(run.glob("*.pth")) and "Last good checkpoint: none" in err
+        return
+    for name in ("pretrained_XXS_last.pth", "pretrained_XXS_best.pth", "checkpoint_XXS.pth"):
+        checkpoint = torch.load(run / name, weights_only=True)
+        assert checkpoint["epoch"] == last_epoch
+        assert all(torch.isfinite(v).all() for v in checkpoint["model_state"].values())
+    assert len(read_rows(run / "training_metrics_XXS.csv")) == last_epoch + 1
+
+
+def test_a_checkpoint_resumes_through_the_published_resume(tmp_path, exit_status):
+    """What the published ``--resume`` does with ``checkpoint_{size}.pth``: model, optimizer
+    and GradScaler states load (a disabled scaler's empty state would be refused), and
+    training continues from them."""
+    config = write_config(tmp_path, epochs=1)
+    assert exit_status(pretrain_mae.main, ["--config_yaml", config]) == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint_XXS.pth", map_location="cpu")
+    model = build_mae("XXS")
+    model.load_state_dict(checkpoint["model_state"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05)
+    optimizer.load_state_dict(checkpoint["opt_state"])
+    scaler = torch.amp.GradScaler(device="cpu")
+    scaler.load_state_dict(checkpoint["scaler_state"])
+    assert checkpoint["epoch"] + 1 == 1 and checkpoint["best_train_loss"] < float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        loss = MAEObjective(model)(torch.randn(4, 7, 40, 40))["loss"]
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 65536.0  # finite gradients: no back-off
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

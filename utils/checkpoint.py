@@ -123,6 +123,13 @@ def check_finite_weights(state: Mapping[str, torch.Tensor], path="checkpoint") -
                              f"{', '.join(bad[:3])}); the checkpoint is unusable")
 
 
+def scaler_state(scaler: torch.amp.GradScaler) -> dict:
+    """``scaler.state_dict()``; for a disabled scaler (bf16 or full precision), a fresh
+    enabled scaler's instead of the empty dict, since the published ``--resume`` calls
+    ``GradScaler.load_state_dict``, which refuses an empty state."""
+    return (scaler if scaler.is_enabled() else torch.amp.GradScaler("cpu")).state_dict()
+
+
 def load_pretrained(model_config: Mapping, device="cpu") -> MOEMAE:
     """The MAE of a config's ``model`` section (size, img_size, patch_size, in_channels) with
     the weights of its ``checkpoint_path``, on ``device``, in ``eval()``."""
