@@ -6,7 +6,8 @@
 Writes ``{embed.output_dir}/{embed.name}_{split}.npz`` for every split of ``data.splits``
 (``x``, ``y``, ``ids``, ``settings``; see embed/compute_embed.py), atomically and streamed
 (memory does not grow with the number of samples). Train probes on them with
-``train_logistic_regression.py``.
+``train_logistic_regression.py``. The hour encoding follows the checkpoint unless
+``data.legacy_hour`` is given (see README, "Hour encoding").
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from datasets.builders import DATA_FIELDS, build_split, class_names
 from embed.compute_embed import DTYPES, compute_embeddings
 from models.moe_mae import POOLINGS
-from utils.checkpoint import load_pretrained
+from utils.checkpoint import load_pretrained_and_hour
 from utils.config import Field, config_arguments, dump_config, load_config, model_fields
 from utils.errors import run_cli
 from utils.files import check_output_dir, check_output_file
@@ -57,7 +58,9 @@ def main(argv=None) -> int:
     dist = setup_distributed()
     try:
         device = select_device(model_cfg["device"], dist.local_rank, key="model.device")
-        encoder = load_pretrained(model_cfg, device).encoder
+        mae, data_cfg["legacy_hour"] = load_pretrained_and_hour(model_cfg,
+                                                                 data_cfg["legacy_hour"], device)
+        encoder = mae.encoder
         # every split is built (and its files checked) before the first one is embedded
         datasets = {split: build_split(data_cfg, path, model_cfg["img_size"])
                     for split, path in data_cfg["splits"].items()}

@@ -45,7 +45,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -59,8 +59,8 @@ from datasets.builders import FORMATS, build_bigearthnet, check_split_source
 from models.moe_mae import MAEObjective, build_mae
 from scheduler.schedulers import WarmupCosineLR
 from utils.analysis_utils import RoutingCounter
-from utils.checkpoint import (FORMAT_VERSION, apply_weights, load_checkpoint, rng_state,
-                              scaler_state, set_rng_state)
+from utils.checkpoint import (FORMAT_VERSION, apply_weights, load_checkpoint,
+                              resolve_legacy_hour, rng_state, scaler_state, set_rng_state)
 from utils.config import (Field, config_arguments, dump_config, fraction, load_config,
                           model_fields, non_negative, positive, seed_range, unit_interval_open)
 from utils.errors import UserInputError, run_cli
@@ -102,7 +102,9 @@ SCHEMA = {
         "check_finite_every": Field("int", 50, check=positive,
                                     help="steps between the host's reads of the non-finite "
                                          "check (and at every epoch end)"),
-        "legacy_hour": Field("bool", False),
+        "legacy_hour": Field("bool", None, nullable=True,
+                             help="the published first-digit hour encoding; null: false for a "
+                                  "fresh run, the checkpoint's on --resume"),
         "skip_invalid": Field("bool", False, help="skip patches whose image file is missing"),
         "max_chip_size": Field("int", MAX_CHIP_SIZE, check=positive,
                                help="larger chips are errors (not silently cropped)"),
@@ -339,6 +341,8 @@ def gather_rng_states(dist: Distributed) -> List[dict]:
 
 def checkpoint_dict(mae, optimizer, scaler, epoch, steps_per_epoch, best_loss, best_metric,
                     best_epoch, best_train_loss, rng_states, config, dist) -> dict:
+    """What a checkpoint holds; ``legacy_hour`` records the hour encoding the weights were
+    trained with (see utils.checkpoint.checkpoint_legacy_hour)."""
     return {
         "format_version": FORMAT_VERSION,
         "epoch": epoch,  # last completed epoch (0-based), as published
@@ -354,6 +358,7 @@ def checkpoint_dict(mae, optimizer, scaler, epoch, steps_per_epoch, best_loss, b
         "best_train_loss": best_train_loss,
         "rng_state": rng_states,
         "config": config,
+        "legacy_hour": config["training"]["legacy_hour"],
     }
 
 
@@ -365,16 +370,15 @@ class ResumeState(NamedTuple):
     source: Optional[Path] = None  # the checkpoint resumed from
 
 
-def resume(files: RunFiles, mae, optimizer, scaler, steps_per_epoch: int,
-           dist: Distributed) -> ResumeState:
-    """Load the newest checkpoint (ours or the published format) into model, optimizer and
-    scaler; restore this rank's RNG state when the checkpoint has it. A run killed in its
-    first epoch (metrics written, no checkpoint yet) starts that epoch again."""
+def find_resume_checkpoint(files: RunFiles, dist: Distributed) -> Optional[Tuple[Path, dict]]:
+    """The newest checkpoint of the run (ours or the published format) and its path; None for
+    a run killed in its first epoch (metrics written, no checkpoint yet), which starts that
+    epoch again."""
     path = next((p for p in (files.last, files.periodic) if p.is_file()), None)
     if path is None and files.metrics.is_file():
         if dist.is_main:
             print(f"no epoch of the run in {files.folder} was completed: starting from the first")
-        return ResumeState(0, math.inf, math.inf)
+        return None
     if path is None:
         raise UserInputError(f"--resume: no checkpoint in {files.last.parent} (looked for "
                              f"{files.last.name} and {files.periodic.name})")
@@ -382,6 +386,13 @@ def resume(files: RunFiles, mae, optimizer, scaler, steps_per_epoch: int,
     for key in ("model_state", "opt_state", "epoch"):
         if key not in checkpoint:
             raise UserInputError(f"{path}: cannot resume, the checkpoint has no '{key}'")
+    return path, checkpoint
+
+
+def resume(path: Path, checkpoint: dict, mae, optimizer, scaler, steps_per_epoch: int,
+           dist: Distributed) -> ResumeState:
+    """Load a checkpoint (see :func:`find_resume_checkpoint`) into model, optimizer and
+    scaler; restore this rank's RNG state when the checkpoint has it."""
     saved_steps = checkpoint.get("steps_per_epoch")
     if saved_steps is not None and saved_steps != steps_per_epoch:
         raise UserInputError(
@@ -523,6 +534,12 @@ def run(config, model_cfg, train_cfg, files: RunFiles, resume_run: bool,
     device = select_device(train_cfg["device"], dist.local_rank, key="training.device")
     amp_dtype = autocast_dtype(device, train_cfg["mixed_precision"])
     seed_everything(train_cfg["seed"] + dist.rank)
+    resumed = find_resume_checkpoint(files, dist) if resume_run else None
+    if resumed is None:  # a fresh run trains on the true hour unless told otherwise
+        train_cfg["legacy_hour"] = bool(train_cfg["legacy_hour"])
+    else:  # a resumed run keeps the encoding it was trained with unless told otherwise
+        train_cfg["legacy_hour"] = resolve_legacy_hour(train_cfg["legacy_hour"], resumed[1],
+                                                       str(resumed[0]))
 
     def dataset(prefix):
         return build_bigearthnet(train_cfg[f"{prefix}dataset_path"],
@@ -554,8 +571,9 @@ def run(config, model_cfg, train_cfg, files: RunFiles, resume_run: bool,
                                train_cfg["min_lr"])
 
     state = ResumeState(0, math.inf, math.inf)
-    if resume_run:
-        state = resume(files, mae, optimizer, scaler, steps_per_epoch, dist)
+    if resumed is not None:
+        state = resume(*resumed, mae, optimizer, scaler, steps_per_epoch, dist)
+        del resumed  # its tensors are in the model and the optimizer now
     best_metric = "val_m_loss" if val_loader is not None else "train_loss"
     if dist.world_size > 1:
         objective = DistributedDataParallel(

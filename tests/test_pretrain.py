@@ -52,6 +52,7 @@ def test_two_epochs_write_checkpoints_csvs_figure_and_config(tmp_path, exit_stat
     assert {"model_state", "opt_state", "scaler_state", "best_train_loss", "rng_state",
             "config"} <= set(last)
     assert last["config"]["model"]["size"] == "XXS"
+    assert last["legacy_hour"] is False  # a fresh run (legacy_hour null) trains on the true hour
     build_mae("XXS").load_state_dict(last["model_state"])  # the published layout
     rows = read_rows(run / "training_metrics_XXS.csv")
     assert [r["epoch"] for r in rows] == ["0", "1"] and all(r["val_m_loss"] for r in rows)
@@ -92,6 +93,7 @@ def test_resume_from_a_published_checkpoint(tmp_path, exit_status):
     assert [r["epoch"] for r in read_rows(run / "training_metrics_XXS.csv")] == ["1", "2"]
     last = torch.load(run / "pretrained_XXS_last.pth", weights_only=True)
     assert last["epoch"] == 2
+    assert last["legacy_hour"] is True  # the published checkpoint's encoding is kept
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys, exit_status):
