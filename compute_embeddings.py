@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from datasets.builders import DATA_FIELDS, build_split, class_names
-from embed.compute_embed import DTYPES, compute_embeddings
+from embed.compute_embed import DTYPES, PRECISIONS, compute_embeddings
 from models.moe_mae import POOLINGS
 from utils.checkpoint import load_pretrained_and_hour
 from utils.config import Field, config_arguments, dump_config, load_config, model_fields
@@ -38,7 +38,10 @@ SCHEMA = {
         "pooling": Field("str", "all", choices=POOLINGS),
         "normed": Field("bool", False, help="after the final norm (published: false)"),
         "use_metadata": Field("bool", True, help="false: zeros (metadata ablation)"),
-        "dtype": Field("str", "float32", choices=tuple(DTYPES)),
+        "dtype": Field("str", "float32", choices=tuple(DTYPES), help="of the stored rows"),
+        "precision": Field("str", "fp32", choices=tuple(PRECISIONS),
+                           help="the encoder's: fp32, or bf16/fp16 autocast"),
+        "compile": Field("bool", False, help="torch.compile the encoder"),
         "output_dir": Field("path"),
         "name": Field("str", "embeddings"),
     },
@@ -75,7 +78,8 @@ def main(argv=None) -> int:
             result = compute_embeddings(
                 encoder, dataset, output, pooling=embed_cfg["pooling"],
                 normed=embed_cfg["normed"], use_metadata=embed_cfg["use_metadata"],
-                dtype=embed_cfg["dtype"], batch_size=data_cfg["batch_size"],
+                dtype=embed_cfg["dtype"], precision=embed_cfg["precision"],
+                compile=embed_cfg["compile"], batch_size=data_cfg["batch_size"],
                 num_workers=data_cfg["num_workers"], device=device, settings=settings)
             if dist.is_main:
                 print(f"[{split}] {len(dataset)} samples -> {output} x {result['x'].shape} "

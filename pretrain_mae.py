@@ -99,6 +99,7 @@ SCHEMA = {
         "mixed_precision": Field("str", "auto", choices=("auto", "bf16", "fp16", "none"),
                                  help="auto: bf16 (else fp16) on CUDA, off elsewhere; bf16 and "
                                       "fp16 on any device; fp16 with a GradScaler"),
+        "compile": Field("bool", False, help="torch.compile the training and validation step"),
         "check_finite_every": Field("int", 50, check=positive,
                                     help="steps between the host's reads of the non-finite "
                                          "check (and at every epoch end)"),
@@ -312,7 +313,7 @@ def masked_validation_loss(objective, loader, device, amp_dtype, seed: int,
                            dist: Distributed) -> float:
     """Mean masked loss in eval mode, with the same masks every epoch (seeded noise)."""
     objective.eval()
-    mae = objective.module.mae if isinstance(objective, DistributedDataParallel) else objective.mae
+    mae = unwrap(objective).mae
     generator = torch.Generator().manual_seed(seed + dist.rank)
     total = torch.zeros(2, device=device, dtype=torch.float64)  # summed loss, batches
     for batch in loader:
@@ -325,6 +326,12 @@ def masked_validation_loss(objective, loader, device, amp_dtype, seed: int,
     if dist.world_size > 1:
         torch_dist.all_reduce(total)
     return (total[0] / total[1]).item()
+
+
+def unwrap(objective):
+    """The MAEObjective inside torch.compile's and DDP's wrappers."""
+    objective = getattr(objective, "_orig_mod", objective)
+    return objective.module if isinstance(objective, DistributedDataParallel) else objective
 
 
 # -------------------------------------------------------------------- checkpoints
@@ -578,6 +585,8 @@ def run(config, model_cfg, train_cfg, files: RunFiles, resume_run: bool,
     if dist.world_size > 1:
         objective = DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if train_cfg["compile"]:  # checkpoints keep the plain keys: they are written from mae
+        objective = torch.compile(objective)
 
     metric_rows = read_csv_rows(files.metrics, state.start_epoch)
     usage_rows = read_csv_rows(files.usage, state.start_epoch)

@@ -33,6 +33,14 @@ def write_config(tmp_path, epochs=2, **training):
 
 
 
+def small_split(tmp_path, rows=16):
+    """The first ``rows`` patches of the sample's train split (a split CSV under SAMPLE)."""
+    path = tmp_path / "small.csv"
+    path.write_text("\n".join((SAMPLE / "bigearthnet-train.csv").read_text().splitlines()[:rows])
+                    + "\n")
+    return str(path)
+
+
 def read_rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -154,7 +162,8 @@ def test_published_config_runs_unchanged(tmp_path, exit_status):
 def test_non_finite_loss_stops_and_no_checkpoint_holds_the_bad_update(
         tmp_path, monkeypatch, capsys, exit_status, check_every, poisoned_call, calls_run,
         last_epoch):
-    config = write_config(tmp_path, epochs=3, check_finite_every=check_every)
+    config = write_config(tmp_path, epochs=3, check_finite_every=check_every,
+                          dataset_csv=small_split(tmp_path, rows=48), batch_size=8)
     real_forward = MAEObjective.forward
     calls = []
 
@@ -187,7 +196,7 @@ def test_a_checkpoint_resumes_through_the_published_resume(tmp_path, exit_status
     """What the published ``--resume`` does with ``checkpoint_{size}.pth``: model, optimizer
     and GradScaler states load (a disabled scaler's empty state would be refused), and
     training continues from them."""
-    config = write_config(tmp_path, epochs=1)
+    config = write_config(tmp_path, epochs=1, dataset_csv=small_split(tmp_path), batch_size=8)
     assert exit_status(pretrain_mae.main, ["--config_yaml", config]) == 0
     checkpoint = torch.load(tmp_path / "run" / "checkpoint_XXS.pth", map_location="cpu")
     model = build_mae("XXS")
@@ -206,3 +215,22 @@ def test_a_checkpoint_resumes_through_the_published_resume(tmp_path, exit_status
     scaler.update()
     assert scaler.get_scale() == 65536.0  # finite gradients: no back-off
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("precision,epochs", [("bf16", 2), ("fp16", 1)])
+def test_mixed_precision_run_on_cpu(tmp_path, exit_status, precision, epochs):
+    """CPU autocast stands in for a GPU: the whole loop under bf16, and fp16 with a GradScaler
+    whose state the checkpoint keeps."""
+    config = write_config(tmp_path, epochs=epochs, mixed_precision=precision,
+                          dataset_csv=small_split(tmp_path), batch_size=8)
+    assert exit_status(pretrain_mae.main, ["--config_yaml", config]) == 0
+    rows = read_rows(tmp_path / "run" / "training_metrics_XXS.csv")
+    assert len(rows) == epochs
+    assert all(0 < float(r["train_loss"]) < float("inf") for r in rows)
+    last = torch.load(tmp_path / "run" / "pretrained_XXS_last.pth", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in last["model_state"].values())
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.load_state_dict(last["scaler_state"])
+    if precision == "fp16":  # the run's scaler, not a fresh one: it counted its steps
+        assert last["scaler_state"]["_growth_tracker"] > 0 or scaler.get_scale() != 65536.0
+
