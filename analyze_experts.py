@@ -31,7 +31,7 @@ from embed.compute_embed import dataset_ids
 from utils.analysis_utils import (ABLATION_POINTS, analyze_layer, expert_usage_statistics,
                                   plot_expert_maps, plot_routing_map, plot_usage_bars,
                                   plot_usage_heatmap)
-from utils.checkpoint import load_pretrained
+from utils.checkpoint import load_pretrained_and_hour
 from utils.config import (Field, config_arguments, dump_config, load_config, model_fields,
                           non_negative, positive)
 from utils.data_config import BigEarthNetInfo, EuroSATInfo
@@ -77,7 +77,9 @@ def main(argv=None) -> int:
             if model_cfg["checkpoint_path"] == DEMO_CHECKPOINT else ""
         raise UserInputError(f"model.checkpoint_path: checkpoint not found: {checkpoint}{hint}")
     device = select_device(model_cfg["device"], key="model.device")
-    encoder = load_pretrained(model_cfg, device).encoder
+    mae, data_cfg["legacy_hour"] = load_pretrained_and_hour(model_cfg, data_cfg["legacy_hour"],
+                                                             device)
+    encoder = mae.encoder
     layer = analysis["layer"]
     if layer >= len(encoder.layers):
         raise UserInputError(f"analysis.layer: {layer} does not exist, the {model_cfg['size']} "

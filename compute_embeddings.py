@@ -6,7 +6,8 @@
 Writes ``{embed.output_dir}/{embed.name}_{split}.npz`` for every split of ``data.splits``
 (``x``, ``y``, ``ids``, ``settings``; see embed/compute_embed.py), atomically and streamed
 (memory does not grow with the number of samples). Train probes on them with
-``train_logistic_regression.py``.
+``train_logistic_regression.py``. The hour encoding follows the checkpoint unless
+``data.legacy_hour`` is given (see README, "Hour encoding").
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 import torch
 
 from datasets.builders import DATA_FIELDS, build_split, class_names
-from embed.compute_embed import DTYPES, compute_embeddings
+from embed.compute_embed import DTYPES, PRECISIONS, compute_embeddings
 from models.moe_mae import POOLINGS
-from utils.checkpoint import load_pretrained
+from utils.checkpoint import load_pretrained_and_hour
 from utils.config import Field, config_arguments, dump_config, load_config, model_fields
 from utils.errors import run_cli
 from utils.files import check_output_dir, check_output_file
@@ -37,7 +38,10 @@ SCHEMA = {
         "pooling": Field("str", "all", choices=POOLINGS),
         "normed": Field("bool", False, help="after the final norm (published: false)"),
         "use_metadata": Field("bool", True, help="false: zeros (metadata ablation)"),
-        "dtype": Field("str", "float32", choices=tuple(DTYPES)),
+        "dtype": Field("str", "float32", choices=tuple(DTYPES), help="of the stored rows"),
+        "precision": Field("str", "fp32", choices=tuple(PRECISIONS),
+                           help="the encoder's: fp32, or bf16/fp16 autocast"),
+        "compile": Field("bool", False, help="torch.compile the encoder"),
         "output_dir": Field("path"),
         "name": Field("str", "embeddings"),
     },
@@ -57,7 +61,9 @@ def main(argv=None) -> int:
     dist = setup_distributed()
     try:
         device = select_device(model_cfg["device"], dist.local_rank, key="model.device")
-        encoder = load_pretrained(model_cfg, device).encoder
+        mae, data_cfg["legacy_hour"] = load_pretrained_and_hour(model_cfg,
+                                                                 data_cfg["legacy_hour"], device)
+        encoder = mae.encoder
         # every split is built (and its files checked) before the first one is embedded
         datasets = {split: build_split(data_cfg, path, model_cfg["img_size"])
                     for split, path in data_cfg["splits"].items()}
@@ -72,7 +78,8 @@ def main(argv=None) -> int:
             result = compute_embeddings(
                 encoder, dataset, output, pooling=embed_cfg["pooling"],
                 normed=embed_cfg["normed"], use_metadata=embed_cfg["use_metadata"],
-                dtype=embed_cfg["dtype"], batch_size=data_cfg["batch_size"],
+                dtype=embed_cfg["dtype"], precision=embed_cfg["precision"],
+                compile=embed_cfg["compile"], batch_size=data_cfg["batch_size"],
                 num_workers=data_cfg["num_workers"], device=device, settings=settings)
             if dist.is_main:
                 print(f"[{split}] {len(dataset)} samples -> {output} x {result['x'].shape} "

@@ -6,8 +6,8 @@ Runs the published eval config unchanged and prints its five lines (Masked, Unma
 Total and Full Loss), then per-band RMSE in reflectance DN. Writes every number to
 ``eval.metrics_json`` (default ``<reconstructions_dir>/eval_metrics.json``) and up to
 ``eval.max_images`` figures to ``eval.reconstructions_dir``. See eval/evaluate_mae.py for the
-definitions. The published checkpoint was trained with the published hour encoding: evaluate
-it with ``--set data.legacy_hour=true``.
+definitions. The hour encoding follows the checkpoint (``data.legacy_hour``: null); an
+explicit ``data.legacy_hour`` overrides it, with a warning when it differs.
 
 Output paths are checked before any work. A checkpoint with NaN or inf weights is an error
 naming it (exit status 2), and so is an evaluation whose numbers come out non-finite: no JSON
@@ -18,40 +18,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasets.bigearthnet import MAX_CHIP_SIZE
-from datasets.builders import FORMATS, check_split_source
-from eval.evaluate_mae import MAEEvaluator
-from utils.config import (Field, config_arguments, load_config, model_fields, non_negative,
-                          positive, seed_range, unit_interval_open)
+from datasets.builders import check_split_source
+from eval.evaluate_mae import SCHEMA, MAEEvaluator
+from utils.config import config_arguments, load_config
 from utils.errors import UserInputError, run_cli
 from utils.files import check_output_dir, check_output_file, write_json
 from utils.runtime import select_device
-
-SCHEMA = {
-    "model": model_fields(checkpoint_path=Field("path", must_exist="file"),
-                          device=Field("str", "auto")),
-    "data": {
-        "dataset_path": Field("path", must_exist="dir", help="BEN-L root, or a packed dir"),
-        "dataset_csv": Field("path", None, nullable=True, must_exist="file"),
-        "num_workers": Field("int", 4, check=non_negative),
-        "batch_size": Field("int", 32, check=positive),
-        "dataset_format": Field("str", "auto", choices=FORMATS),
-        "legacy_hour": Field("bool", False),
-        "skip_invalid": Field("bool", False),
-        "max_chip_size": Field("int", MAX_CHIP_SIZE, check=positive),
-    },
-    "eval": {
-        "save_reconstructions_masked": Field("bool", True),
-        "save_reconstructions_full": Field("bool", True),
-        "reconstructions_dir": Field("path"),
-        "max_images": Field("int", 8, check=non_negative),
-        "metrics_json": Field("path", None, nullable=True),
-        "seed": Field("int", 0, check=seed_range, help="masking noise"),
-        "mask_ratio": Field("float", 0.75, check=unit_interval_open),
-        "loss_unmasked_weight": Field("float", 0.1, check=non_negative),
-        "loss_moe_weight": Field("float", 0.5, check=non_negative),
-    },
-}
 
 
 def main(argv=None) -> int:
@@ -67,7 +39,8 @@ def main(argv=None) -> int:
     check_output_dir(eval_cfg["reconstructions_dir"], "eval.reconstructions_dir")
     check_output_file(json_path, "eval.metrics_json")
     device = select_device(config["model"]["device"], key="model.device")
-    metrics = MAEEvaluator(config, device=device).run()
+    evaluator = MAEEvaluator(config, device=device)
+    metrics = evaluator.run()
 
     print(f"Masked Loss: {metrics['masked_loss']:.4f}")
     print(f"Unmasked Loss: {metrics['unmasked_loss']:.4f}")
@@ -78,7 +51,7 @@ def main(argv=None) -> int:
     print("|---|---:|---:|")
     for band, masked in metrics["rmse_masked_dn"].items():
         print(f"| {band} | {masked:.1f} | {metrics['rmse_full_dn'][band]:.1f} |")
-    write_json(json_path, {"config": config, **metrics})
+    write_json(json_path, {"config": evaluator.config, **metrics})  # the hour it used
     print(f"\n{metrics['num_samples']} samples; metrics: {json_path}; "
           f"{len(metrics['figures'])} figures in {config['eval']['reconstructions_dir']}")
     return 0

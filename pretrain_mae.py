@@ -16,7 +16,10 @@ plus ``expert_usage_{size}.csv``, ``training_curves_{size}.png`` and the resolve
 ``--resume`` continues from ``pretrained_{size}_last.pth`` (else the published
 ``checkpoint_{size}.pth``): same learning rate at the same step, the remaining epochs only;
 checkpoints of the published code (model, optimizer, scaler, epoch, best loss) resume too.
-A non-finite loss stops the run at once (exit status 1), keeping the last good checkpoint.
+A non-finite loss stops the run (exit status 1) within ``training.check_finite_every`` steps
+and always before the epoch's checkpoint, keeping the last good checkpoint; the check stays on
+the device between reads, so a GPU is not stalled every step. ``mixed_precision``: bf16 or fp16
+autocast (fp16 with a ``torch.amp.GradScaler``) on any device, CPU included.
 
 One run per folder: the run holds an exclusive lock on ``training.weight_path/.run.lock`` for
 its whole life (a second run into the folder exits 2 naming the holder's pid), and a fresh run
@@ -42,7 +45,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -56,8 +59,8 @@ from datasets.builders import FORMATS, build_bigearthnet, check_split_source
 from models.moe_mae import MAEObjective, build_mae
 from scheduler.schedulers import WarmupCosineLR
 from utils.analysis_utils import RoutingCounter
-from utils.checkpoint import (FORMAT_VERSION, apply_weights, load_checkpoint, rng_state,
-                              set_rng_state)
+from utils.checkpoint import (FORMAT_VERSION, apply_weights, load_checkpoint,
+                              resolve_legacy_hour, rng_state, scaler_state, set_rng_state)
 from utils.config import (Field, config_arguments, dump_config, fraction, load_config,
                           model_fields, non_negative, positive, seed_range, unit_interval_open)
 from utils.errors import UserInputError, run_cli
@@ -93,8 +96,16 @@ SCHEMA = {
         "loss_moe_weight": Field("float", 0.5, check=non_negative),
         "seed": Field("int", 0, check=seed_range),
         "device": Field("str", "auto"),
-        "mixed_precision": Field("str", "auto", choices=("auto", "bf16", "fp16", "none")),
-        "legacy_hour": Field("bool", False),
+        "mixed_precision": Field("str", "auto", choices=("auto", "bf16", "fp16", "none"),
+                                 help="auto: bf16 (else fp16) on CUDA, off elsewhere; bf16 and "
+                                      "fp16 on any device; fp16 with a GradScaler"),
+        "compile": Field("bool", False, help="torch.compile the training and validation step"),
+        "check_finite_every": Field("int", 50, check=positive,
+                                    help="steps between the host's reads of the non-finite "
+                                         "check (and at every epoch end)"),
+        "legacy_hour": Field("bool", None, nullable=True,
+                             help="the published first-digit hour encoding; null: false for a "
+                                  "fresh run, the checkpoint's on --resume"),
         "skip_invalid": Field("bool", False, help="skip patches whose image file is missing"),
         "max_chip_size": Field("int", MAX_CHIP_SIZE, check=positive,
                                help="larger chips are errors (not silently cropped)"),
@@ -224,13 +235,46 @@ def to_device(batch, device):
             [m.to(device, non_blocking=True) for m in meta])
 
 
+class NonFiniteWatch:
+    """The first step of an epoch whose loss is not finite, recorded on the device so that no
+    step waits for the host. :meth:`check` reads it (the host synchronisation; every process
+    together under DDP) and raises :class:`NonFiniteLoss`. Updates made after the bad step
+    and before the check are lost with the run: the loop checks at the end of every epoch,
+    before any checkpoint is written, so none reaches a checkpoint."""
+
+    def __init__(self, steps: int, device):
+        self.steps = steps
+        self.first_step = torch.full((), steps, dtype=torch.int64, device=device)  # none yet
+        self.first_loss = torch.zeros((), dtype=torch.float64, device=device)
+
+    def record(self, step: int, loss: torch.Tensor) -> None:
+        new = ~torch.isfinite(loss) & (self.first_step == self.steps)
+        self.first_step = torch.where(new, step, self.first_step)
+        self.first_loss = torch.where(new, loss.detach().double(), self.first_loss)
+
+    def check(self, epoch: int, dist: Distributed) -> None:
+        first = self.first_step.clone()
+        if dist.world_size > 1:  # the earliest bad step of any process stops every process
+            torch_dist.all_reduce(first, op=torch_dist.ReduceOp.MIN)
+        first = int(first)
+        if first < self.steps:
+            where = (f"{self.first_loss.item()} on process {dist.rank}"
+                     if int(self.first_step) == first else "on another process")
+            raise NonFiniteLoss(f"non-finite loss ({where}) at epoch {epoch + 1}, "
+                                f"step {first + 1} of {self.steps}")
+
+
 def train_one_epoch(objective, loader, optimizer, scheduler, scaler, epoch: int, epochs: int,
-                    device, amp_dtype, grad_clip, dist: Distributed) -> Dict[str, float]:
+                    device, amp_dtype, grad_clip, check_every: int,
+                    dist: Distributed) -> Dict[str, float]:
     """One pass over the loader; the learning rate is set before every step from the global
-    step. Returns the epoch's mean losses and learning rate (over all ranks)."""
+    step. The host reads device values only every ``check_every`` steps and at the end (the
+    non-finite check, the progress bar), so a GPU is never stalled per step. Returns the
+    epoch's mean losses and learning rate (over all ranks)."""
     objective.train()
     steps = len(loader)
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, masked, unmasked, moe
+    watch = NonFiniteWatch(steps, device)
     lr_sum = 0.0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", mininterval=1.0, leave=False,
                disable=not (dist.is_main and sys.stderr.isatty()))  # logs get the epoch line
@@ -242,24 +286,21 @@ def train_one_epoch(objective, loader, optimizer, scheduler, scaler, epoch: int,
             losses = objective(imgs, *meta)
         values = torch.stack([losses["loss"], losses["masked"], losses["unmasked"],
                               losses["moe"]]).detach().double()
-        finite = torch.isfinite(values[0]).to(torch.int32)
-        if dist.world_size > 1:  # every process stops together, before the gradient all-reduce
-            torch_dist.all_reduce(finite, op=torch_dist.ReduceOp.MIN)
-        if not finite.item():
-            raise NonFiniteLoss(f"non-finite loss ({values[0].item()} on process {dist.rank}) "
-                                f"at epoch {epoch + 1}, step {step + 1} of {steps}")
+        watch.record(step, values[0])
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
         if grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(objective.parameters(), grad_clip)
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # fused AdamW: the fp16 inf check stays on the device too
         scaler.update()
         sums += values
-        if dist.is_main and (step % 10 == 0 or step == steps - 1):
-            mean = (sums / (step + 1)).tolist()
-            bar.set_postfix(loss=f"{mean[0]:.4f}", masked=f"{mean[1]:.4f}",
-                            unmasked=f"{mean[2]:.4f}", moe=f"{mean[3]:.4f}", lr=f"{lr:.2e}")
+        if (step + 1) % check_every == 0 or step == steps - 1:
+            watch.check(epoch, dist)
+            if not bar.disable:
+                mean = (sums / (step + 1)).tolist()
+                bar.set_postfix(loss=f"{mean[0]:.4f}", masked=f"{mean[1]:.4f}",
+                                unmasked=f"{mean[2]:.4f}", moe=f"{mean[3]:.4f}", lr=f"{lr:.2e}")
     if dist.world_size > 1:
         torch_dist.all_reduce(sums)
     loss, masked, unmasked, moe = (sums / (steps * dist.world_size)).tolist()
@@ -272,7 +313,7 @@ def masked_validation_loss(objective, loader, device, amp_dtype, seed: int,
                            dist: Distributed) -> float:
     """Mean masked loss in eval mode, with the same masks every epoch (seeded noise)."""
     objective.eval()
-    mae = objective.module.mae if isinstance(objective, DistributedDataParallel) else objective.mae
+    mae = unwrap(objective).mae
     generator = torch.Generator().manual_seed(seed + dist.rank)
     total = torch.zeros(2, device=device, dtype=torch.float64)  # summed loss, batches
     for batch in loader:
@@ -285,6 +326,12 @@ def masked_validation_loss(objective, loader, device, amp_dtype, seed: int,
     if dist.world_size > 1:
         torch_dist.all_reduce(total)
     return (total[0] / total[1]).item()
+
+
+def unwrap(objective):
+    """The MAEObjective inside torch.compile's and DDP's wrappers."""
+    objective = getattr(objective, "_orig_mod", objective)
+    return objective.module if isinstance(objective, DistributedDataParallel) else objective
 
 
 # -------------------------------------------------------------------- checkpoints
@@ -301,6 +348,8 @@ def gather_rng_states(dist: Distributed) -> List[dict]:
 
 def checkpoint_dict(mae, optimizer, scaler, epoch, steps_per_epoch, best_loss, best_metric,
                     best_epoch, best_train_loss, rng_states, config, dist) -> dict:
+    """What a checkpoint holds; ``legacy_hour`` records the hour encoding the weights were
+    trained with (see utils.checkpoint.checkpoint_legacy_hour)."""
     return {
         "format_version": FORMAT_VERSION,
         "epoch": epoch,  # last completed epoch (0-based), as published
@@ -309,13 +358,14 @@ def checkpoint_dict(mae, optimizer, scaler, epoch, steps_per_epoch, best_loss, b
         "world_size": dist.world_size,
         "model_state": mae.state_dict(),
         "opt_state": optimizer.state_dict(),
-        "scaler_state": scaler.state_dict(),
+        "scaler_state": scaler_state(scaler),
         "best_loss": best_loss,
         "best_metric": best_metric,
         "best_epoch": best_epoch,  # the epoch whose checkpoint pretrained_{size}_best.pth is
         "best_train_loss": best_train_loss,
         "rng_state": rng_states,
         "config": config,
+        "legacy_hour": config["training"]["legacy_hour"],
     }
 
 
@@ -327,16 +377,15 @@ class ResumeState(NamedTuple):
     source: Optional[Path] = None  # the checkpoint resumed from
 
 
-def resume(files: RunFiles, mae, optimizer, scaler, steps_per_epoch: int,
-           dist: Distributed) -> ResumeState:
-    """Load the newest checkpoint (ours or the published format) into model, optimizer and
-    scaler; restore this rank's RNG state when the checkpoint has it. A run killed in its
-    first epoch (metrics written, no checkpoint yet) starts that epoch again."""
+def find_resume_checkpoint(files: RunFiles, dist: Distributed) -> Optional[Tuple[Path, dict]]:
+    """The newest checkpoint of the run (ours or the published format) and its path; None for
+    a run killed in its first epoch (metrics written, no checkpoint yet), which starts that
+    epoch again."""
     path = next((p for p in (files.last, files.periodic) if p.is_file()), None)
     if path is None and files.metrics.is_file():
         if dist.is_main:
             print(f"no epoch of the run in {files.folder} was completed: starting from the first")
-        return ResumeState(0, math.inf, math.inf)
+        return None
     if path is None:
         raise UserInputError(f"--resume: no checkpoint in {files.last.parent} (looked for "
                              f"{files.last.name} and {files.periodic.name})")
@@ -344,6 +393,13 @@ def resume(files: RunFiles, mae, optimizer, scaler, steps_per_epoch: int,
     for key in ("model_state", "opt_state", "epoch"):
         if key not in checkpoint:
             raise UserInputError(f"{path}: cannot resume, the checkpoint has no '{key}'")
+    return path, checkpoint
+
+
+def resume(path: Path, checkpoint: dict, mae, optimizer, scaler, steps_per_epoch: int,
+           dist: Distributed) -> ResumeState:
+    """Load a checkpoint (see :func:`find_resume_checkpoint`) into model, optimizer and
+    scaler; restore this rank's RNG state when the checkpoint has it."""
     saved_steps = checkpoint.get("steps_per_epoch")
     if saved_steps is not None and saved_steps != steps_per_epoch:
         raise UserInputError(
@@ -485,6 +541,12 @@ def run(config, model_cfg, train_cfg, files: RunFiles, resume_run: bool,
     device = select_device(train_cfg["device"], dist.local_rank, key="training.device")
     amp_dtype = autocast_dtype(device, train_cfg["mixed_precision"])
     seed_everything(train_cfg["seed"] + dist.rank)
+    resumed = find_resume_checkpoint(files, dist) if resume_run else None
+    if resumed is None:  # a fresh run trains on the true hour unless told otherwise
+        train_cfg["legacy_hour"] = bool(train_cfg["legacy_hour"])
+    else:  # a resumed run keeps the encoding it was trained with unless told otherwise
+        train_cfg["legacy_hour"] = resolve_legacy_hour(train_cfg["legacy_hour"], resumed[1],
+                                                       str(resumed[0]))
 
     def dataset(prefix):
         return build_bigearthnet(train_cfg[f"{prefix}dataset_path"],
@@ -516,12 +578,15 @@ def run(config, model_cfg, train_cfg, files: RunFiles, resume_run: bool,
                                train_cfg["min_lr"])
 
     state = ResumeState(0, math.inf, math.inf)
-    if resume_run:
-        state = resume(files, mae, optimizer, scaler, steps_per_epoch, dist)
+    if resumed is not None:
+        state = resume(*resumed, mae, optimizer, scaler, steps_per_epoch, dist)
+        del resumed  # its tensors are in the model and the optimizer now
     best_metric = "val_m_loss" if val_loader is not None else "train_loss"
     if dist.world_size > 1:
         objective = DistributedDataParallel(
             objective, device_ids=[device.index] if device.type == "cuda" else None)
+    if train_cfg["compile"]:  # checkpoints keep the plain keys: they are written from mae
+        objective = torch.compile(objective)
 
     metric_rows = read_csv_rows(files.metrics, state.start_epoch)
     usage_rows = read_csv_rows(files.usage, state.start_epoch)
@@ -547,7 +612,8 @@ def run(config, model_cfg, train_cfg, files: RunFiles, resume_run: bool,
         start = time.perf_counter()
         try:
             metrics = train_one_epoch(objective, loader, optimizer, scheduler, scaler, epoch,
-                                      epochs, device, amp_dtype, train_cfg["grad_clip"], dist)
+                                      epochs, device, amp_dtype, train_cfg["grad_clip"],
+                                      train_cfg["check_finite_every"], dist)
         except NonFiniteLoss as exc:
             last_good = files.last if files.last.is_file() else None
             print(f"error: {exc}; stopping. Last good checkpoint: "

@@ -33,7 +33,9 @@ DATA_FIELDS = {
                           help="BEN-L root, or the EuroSAT-L folder of class folders"),
     "dataset_format": Field("str", "auto", choices=FORMATS, help="BEN-L only"),
     "num_classes": Field("int", 19, choices=(19, 43), help="BEN-L targets"),
-    "legacy_hour": Field("bool", False, help="BEN-L: the published hour encoding"),
+    "legacy_hour": Field("bool", None, nullable=True,
+                         help="BEN-L: the published first-digit hour encoding; null: the "
+                              "checkpoint's (resolved by the scripts before any split is built)"),
     "skip_invalid": Field("bool", False, help="BEN-L: skip patches without image (or, when "
                                               "labels are read, label) file"),
     "supervised": Field("bool", True, help="BEN-L: read the labels; false: images only, no "

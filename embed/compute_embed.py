@@ -38,6 +38,7 @@ from utils.errors import UserInputError
 from utils.files import current_umask
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype
 
 
 class _RowFile:
@@ -94,7 +95,7 @@ def compute_embeddings(encoder: MOEEncoder, dataset: Dataset, output: Optional[U
                        *, pooling: str = "all", normed: bool = False, use_metadata: bool = True,
                        dtype: str = "float32", batch_size: int = 256, num_workers: int = 0,
                        device: Union[str, torch.device] = "cpu", settings: Optional[dict] = None,
-                       progress: bool = True):
+                       progress: bool = True, precision: str = "fp32", compile: bool = False):
     """Embed every sample of ``dataset`` (items ``(img, target[, week, hour, lat, lon])``).
 
     pooling, normed: see :meth:`MOEEncoder.embed`. use_metadata=False feeds zeros instead of
@@ -102,11 +103,15 @@ def compute_embeddings(encoder: MOEEncoder, dataset: Dataset, output: Optional[U
     path (written atomically), or None to return a dict of the arrays instead (for
     notebooks; then everything is held in memory). With an output, returns
     ``np.load(output)`` (arrays read lazily, on access) on process 0 and None on the others.
+    precision: the encoder runs in fp32, or under bf16/fp16 autocast (rows are stored as
+    ``dtype`` either way). compile: ``torch.compile`` the encoder's embedding function.
     """
     if pooling not in POOLINGS:
         raise UserInputError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     if dtype not in DTYPES:
         raise UserInputError(f"unknown dtype {dtype!r}; choose float32 or float16")
+    if precision not in PRECISIONS:
+        raise UserInputError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
     distributed = torch_dist.is_available() and torch_dist.is_initialized()
     rank, world_size = (torch_dist.get_rank(), torch_dist.get_world_size()) if distributed \
         else (0, 1)
@@ -118,8 +123,9 @@ def compute_embeddings(encoder: MOEEncoder, dataset: Dataset, output: Optional[U
     loader = DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     row_shape = (_embedding_size(encoder, pooling),)
+    embed = _embedder(encoder, device, precision, compile)
     settings = {**(settings or {}), "pooling": pooling, "normed": normed,
-                "use_metadata": use_metadata, "dtype": dtype,
+                "use_metadata": use_metadata, "dtype": dtype, "precision": precision,
                 "num_tokens": encoder.num_tokens, "embed_dim": encoder.embed_dim,
                 "num_samples": len(dataset)}
 
@@ -129,7 +135,7 @@ def compute_embeddings(encoder: MOEEncoder, dataset: Dataset, output: Optional[U
             raise UserInputError("embedding into memory (output=None) needs a single process")
         rows, labels, done = [], [], 0
         for imgs, targets, meta in _batches(loader, progress and rank == 0):
-            rows.append(_finite_rows(_embed_batch(encoder, imgs, meta, pooling, normed,
+            rows.append(_finite_rows(_embed_batch(embed, imgs, meta, pooling, normed,
                                                   use_metadata, device),
                                      ids, done).astype(DTYPES[dtype]))
             done += len(rows[-1])
@@ -148,7 +154,7 @@ def compute_embeddings(encoder: MOEEncoder, dataset: Dataset, output: Optional[U
     labels = []
     try:
         for imgs, targets, meta in _batches(loader, progress and rank == 0):
-            x_file.append(_finite_rows(_embed_batch(encoder, imgs, meta, pooling, normed,
+            x_file.append(_finite_rows(_embed_batch(embed, imgs, meta, pooling, normed,
                                                     use_metadata, device),
                                        ids, x_file.written))
             labels.append(_labels(targets))
@@ -190,9 +196,23 @@ def _finite_rows(rows: np.ndarray, ids: list, start: int) -> np.ndarray:
     return rows
 
 
-def _embed_batch(encoder, imgs, meta, pooling, normed, use_metadata, device) -> np.ndarray:
+def _embedder(encoder: MOEEncoder, device: torch.device, precision: str, compile: bool):
+    """``encoder.embed``, compiled if asked, under autocast for bf16/fp16."""
+    embed = torch.compile(encoder.embed) if compile else encoder.embed
+    amp_dtype = PRECISIONS[precision]
+    if amp_dtype is None:
+        return embed
+
+    def embed_in_precision(*args, **kwargs):
+        with torch.autocast(device.type, dtype=amp_dtype):
+            return embed(*args, **kwargs)
+
+    return embed_in_precision
+
+
+def _embed_batch(embed, imgs, meta, pooling, normed, use_metadata, device) -> np.ndarray:
     meta = [None if m is None or not use_metadata else m.to(device) for m in meta]
-    embeddings = encoder.embed(imgs.to(device), *meta, pooling=pooling, normed=normed)
+    embeddings = embed(imgs.to(device), *meta, pooling=pooling, normed=normed)
     return embeddings.float().cpu().numpy()
 
 

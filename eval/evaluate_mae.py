@@ -35,30 +35,68 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader
 
 from datasets.bigearthnet import MAX_CHIP_SIZE
-from datasets.builders import build_bigearthnet
+from datasets.builders import FORMATS, build_bigearthnet
 from models.moe_mae import MOEMAE
-from utils.checkpoint import load_pretrained
+from utils.checkpoint import load_pretrained_and_hour
+from utils.config import (Field, model_fields, non_negative, positive, seed_range,
+                          unit_interval_open, validate)
 from utils.data_config import BigEarthNetInfo
 from utils.data_utils import rgb_bands, save_figure, stretch, stretch_limits, unnormalize
 from utils.errors import UserInputError
+from utils.runtime import select_device
+
+# configs/eval_moe_mae.yaml: the published keys, and this project's with their defaults
+SCHEMA = {
+    "model": model_fields(checkpoint_path=Field("path", must_exist="file"),
+                          device=Field("str", "auto")),
+    "data": {
+        "dataset_path": Field("path", must_exist="dir", help="BEN-L root, or a packed dir"),
+        "dataset_csv": Field("path", None, nullable=True, must_exist="file"),
+        "num_workers": Field("int", 4, check=non_negative),
+        "batch_size": Field("int", 32, check=positive),
+        "dataset_format": Field("str", "auto", choices=FORMATS),
+        "legacy_hour": Field("bool", None, nullable=True,
+                             help="the published first-digit hour; null: the checkpoint's"),
+        "skip_invalid": Field("bool", False),
+        "max_chip_size": Field("int", MAX_CHIP_SIZE, check=positive),
+    },
+    "eval": {
+        "save_reconstructions_masked": Field("bool", True),
+        "save_reconstructions_full": Field("bool", True),
+        "reconstructions_dir": Field("path"),
+        "max_images": Field("int", 8, check=non_negative),
+        "metrics_json": Field("path", None, nullable=True),
+        "seed": Field("int", 0, check=seed_range, help="masking noise"),
+        "mask_ratio": Field("float", 0.75, check=unit_interval_open),
+        "loss_unmasked_weight": Field("float", 0.1, check=non_negative),
+        "loss_moe_weight": Field("float", 0.5, check=non_negative),
+    },
+}
+
 
 class MAEEvaluator:
     """Evaluate ``config["model"]["checkpoint_path"]`` on ``config["data"]``'s split.
 
-    ``config`` holds the sections of configs/eval_moe_mae.yaml (validated by eval_mae.py).
-    ``transform`` defaults to the BEN-L transform (centre crop, z-score).
+    ``config`` holds the sections of configs/eval_moe_mae.yaml: a raw dict as the published
+    code passes it (only the published keys) is validated and completed with the defaults of
+    ``SCHEMA``; ``self.config`` is the result, with ``data.legacy_hour`` resolved from the
+    checkpoint (see utils.checkpoint.resolve_legacy_hour). ``transform`` defaults to the BEN-L
+    transform (centre crop, z-score); ``device`` overrides ``model.device``.
     """
 
     def __init__(self, config: dict, transform=None, device: Optional[torch.device] = None):
-        self.config = config
+        self.config = config = validate(config, SCHEMA, source="MAEEvaluator config")
         model_cfg, data_cfg = config["model"], config["data"]
-        self.device = torch.device(device or model_cfg["device"])
-        self.model: MOEMAE = load_pretrained(model_cfg, self.device)
+        self.device = torch.device(device) if device is not None else \
+            select_device(model_cfg["device"], key="model.device")
+        self.model: MOEMAE
+        self.model, data_cfg["legacy_hour"] = load_pretrained_and_hour(
+            model_cfg, data_cfg["legacy_hour"], self.device)
         self.dataset = build_bigearthnet(
             data_cfg["dataset_path"], data_cfg["dataset_csv"], data_cfg["dataset_format"],
             img_size=model_cfg["img_size"], legacy_hour=data_cfg["legacy_hour"],
             skip_invalid=data_cfg["skip_invalid"],
-            max_chip_size=data_cfg.get("max_chip_size", MAX_CHIP_SIZE))
+            max_chip_size=data_cfg["max_chip_size"])
         if transform is not None:
             self.dataset.transform = transform
         # a private generator: iterating a DataLoader draws a seed from its generator, which

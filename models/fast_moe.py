@@ -79,6 +79,7 @@ class ExpertMixture(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        grad_y = grad_y.contiguous()
         if ctx.native:
             x, topk_idx, gates, pre, hidden, stacked_weight, w2_weight, x_t = ctx.saved_tensors
         else:
@@ -120,7 +121,15 @@ def expert_mixture(x: torch.Tensor, topk_idx: torch.Tensor, topk_gates: torch.Te
     x_t: optionally x transposed (dim, T), for the weight gradient."""
     stacked_weight = torch.cat([*w_weights, v_weight])
     stacked_bias = torch.cat([*w_biases, v_bias])
-    dtype = x.dtype
-    return ExpertMixture.apply(x, topk_idx, topk_gates.to(dtype), stacked_weight.to(dtype),
-                               stacked_bias.to(dtype), w2_weight.to(dtype), w2_bias.to(dtype),
-                               x_t)
+    # Under autocast the mixture computes in the autocast dtype, with autocast off inside the
+    # hand-written forward so that forward and backward see the same dtypes; the casts of the
+    # fp32 weights are autograd ops, so their gradients arrive in fp32.
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+    if autocast:
+        x, x_t = x.to(dtype), None
+    with torch.autocast(device, enabled=False):
+        return ExpertMixture.apply(x, topk_idx, topk_gates.to(dtype), stacked_weight.to(dtype),
+                                   stacked_bias.to(dtype), w2_weight.to(dtype),
+                                   w2_bias.to(dtype), x_t)

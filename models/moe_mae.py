@@ -137,7 +137,7 @@ class NoisyTopKGate(nn.Module):
         if self.use_reference:
             clean, noise_logits = self.Wg(x), self.Wnoise(x)
         elif not (need_noise_scale or self.training):
-            clean = linear(x, self.Wg.weight, self.Wg.bias)
+            clean = linear(x, self.Wg.weight, self.Wg.bias).float()  # fp32 gate, see below
             topk_vals, topk_idx = clean.topk(self.k, dim=-1)
             return Routing(topk_idx, topk_vals.softmax(dim=-1), clean, clean, None)
         else:
@@ -151,6 +151,9 @@ class NoisyTopKGate(nn.Module):
                 return Routing(topk_idx, gates, logits[:, :E], noisy, noise_scale,
                                (importance, load))
             clean, noise_logits = logits.chunk(2, dim=-1)
+        # The gate runs in fp32 whatever the autocast dtype: bf16 logits tie often in top-k,
+        # and softplus and the balancing loss's normal CDF need the range.
+        clean, noise_logits = clean.float(), noise_logits.float()
         noise_scale = F.softplus(noise_logits)
         noisy = clean + torch.randn_like(clean) * noise_scale if self.training else clean
         topk_vals, topk_idx = noisy.topk(self.k, dim=-1)
@@ -265,7 +268,9 @@ class MoELayer(nn.Module):
             tokens = (routing.topk_idx == e).any(dim=1).nonzero().squeeze(1)
             if tokens.numel() == 0:
                 continue
-            out.index_add_(0, tokens, expert(flat[tokens]) * gates[tokens, e:e + 1])
+            contribution = expert(flat[tokens]) * gates[tokens, e:e + 1]
+            # accumulate in the input's dtype (fp32 under autocast, whose experts give bf16)
+            out.index_add_(0, tokens, contribution.to(out.dtype))
         return out
 
 
@@ -290,12 +295,13 @@ def grouped_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num
     k_t = k.view(B, N, G, hd).permute(0, 2, 3, 1).reshape(B * G, hd, N)
     v = v.view(B, N, G, hd).transpose(1, 2).reshape(B * G, N, hd)
     if torch.is_grad_enabled() and (q.requires_grad or k_t.requires_grad or v.requires_grad):
-        out = torch.bmm(torch.bmm(q, k_t).softmax(-1), v)
+        # softmax in fp32 under autocast (CPU autocast would keep it in bf16)
+        out = torch.bmm(torch.bmm(q, k_t).float().softmax(-1).to(v.dtype), v)
     else:
-        out = q.new_empty(B * G, R * N, hd)
+        out = v.new_empty(B * G, R * N, hd)
         for i in range(0, B * G, chunk):
-            scores = torch.bmm(q[i:i + chunk], k_t[i:i + chunk])
-            torch.bmm(scores.softmax(-1), v[i:i + chunk], out=out[i:i + chunk])
+            scores = torch.bmm(q[i:i + chunk], k_t[i:i + chunk]).float()
+            torch.bmm(scores.softmax(-1).to(v.dtype), v[i:i + chunk], out=out[i:i + chunk])
     return out.view(B, G, R, N, hd).permute(0, 3, 1, 2, 4).reshape(B, N, num_heads * hd)
 
 
@@ -394,7 +400,7 @@ class GroupedQueryAttention(nn.Module):
         k = self.k_proj(x).view(B, N, 1, G, hd).repeat(1, 1, H // G, 1, 1).view(B, N, H, hd)
         v = self.v_proj(x).view(B, N, 1, G, hd).repeat(1, 1, H // G, 1, 1).view(B, N, H, hd)
         attn = (q @ k.permute(0, 2, 3, 1)) * hd ** -0.5
-        out = attn.softmax(dim=-1) @ v.transpose(1, 2)
+        out = attn.float().softmax(dim=-1) @ v.transpose(1, 2)  # softmax in fp32
         return self.out_proj(out.transpose(1, 2).reshape(B, N, self.dim))
 
 

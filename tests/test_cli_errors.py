@@ -134,11 +134,11 @@ OUTPUT_CASES = {
         lambda t, c, e, f: ["--config_yaml", eval_yaml(t, c, metrics_json=str(t))],
         "eval.metrics_json {t}: is a folder"),
     "embed output_dir is a file": (
-        compute_embeddings, "load_pretrained",
+        compute_embeddings, "load_pretrained_and_hour",
         lambda t, c, e, f: ["--config_yaml", embed_yaml(t, c, output_dir=f)],
         "embed.output_dir {f}: exists and is not a folder"),
     "embed output_dir holds a folder of the output's name": (
-        compute_embeddings, "load_pretrained",
+        compute_embeddings, "load_pretrained_and_hour",
         lambda t, c, e, f: (t / "emb" / "e_test.npz").mkdir(parents=True) or
         ["--config_yaml", embed_yaml(t, c)],
         "embed.output_dir {t}/emb/e_test.npz: is a folder"),
@@ -151,7 +151,7 @@ OUTPUT_CASES = {
         lambda t, c, e, f: ["--train", e / "train.npz", "--test", e / "test.npz", "--out", f],
         "--out {f}: exists and is not a folder"),
     "analysis output.dir is a file": (
-        analyze_experts, "load_pretrained",
+        analyze_experts, "load_pretrained_and_hour",
         lambda t, c, e, f: ["--config_yaml", analyze_yaml(t, c, output_dir=f)],
         "output.dir {f}: exists and is not a folder"),
     "pack --out is a file": (

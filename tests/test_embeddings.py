@@ -225,3 +225,20 @@ def test_shipped_configs_are_valid(name, dataset, checkpoint):
          f"data.splits={{test: {split}}}"])
     assert config["data"]["dataset"] == dataset
     assert config["embed"]["normed"] is False  # the published notebooks' tokens
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_precision_is_explicit_and_close_to_fp32(tmp_path, precision):
+    with torch.random.fork_rng():  # the test process's global generator is left as it was
+        torch.manual_seed(0)
+        encoder = build_mae("XXS").encoder.eval()
+    data = RandomChips(6)
+    full = embed_dataset(encoder, data, None, pooling="cls", batch_size=4, progress=False)
+    half = embed_dataset(encoder, data, tmp_path / "half.npz", pooling="cls", batch_size=4,
+                         precision=precision, progress=False)
+    assert json.loads(str(full["settings"]))["precision"] == "fp32"
+    assert json.loads(str(half["settings"]))["precision"] == precision
+    assert half["x"].dtype == np.float32 and not np.array_equal(half["x"], full["x"])
+    cosine = (half["x"] * full["x"]).sum(1) / (np.linalg.norm(half["x"], axis=1) *
+                                               np.linalg.norm(full["x"], axis=1))
+    assert cosine.min() > 0.99

@@ -33,6 +33,14 @@ def write_config(tmp_path, epochs=2, **training):
 
 
 
+def small_split(tmp_path, rows=16):
+    """The first ``rows`` patches of the sample's train split (a split CSV under SAMPLE)."""
+    path = tmp_path / "small.csv"
+    path.write_text("\n".join((SAMPLE / "bigearthnet-train.csv").read_text().splitlines()[:rows])
+                    + "\n")
+    return str(path)
+
+
 def read_rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -52,6 +60,7 @@ def test_two_epochs_write_checkpoints_csvs_figure_and_config(tmp_path, exit_stat
     assert {"model_state", "opt_state", "scaler_state", "best_train_loss", "rng_state",
             "config"} <= set(last)
     assert last["config"]["model"]["size"] == "XXS"
+    assert last["legacy_hour"] is False  # a fresh run (legacy_hour null) trains on the true hour
     build_mae("XXS").load_state_dict(last["model_state"])  # the published layout
     rows = read_rows(run / "training_metrics_XXS.csv")
     assert [r["epoch"] for r in rows] == ["0", "1"] and all(r["val_m_loss"] for r in rows)
@@ -92,6 +101,7 @@ def test_resume_from_a_published_checkpoint(tmp_path, exit_status):
     assert [r["epoch"] for r in read_rows(run / "training_metrics_XXS.csv")] == ["1", "2"]
     last = torch.load(run / "pretrained_XXS_last.pth", weights_only=True)
     assert last["epoch"] == 2
+    assert last["legacy_hour"] is True  # the published checkpoint's encoding is kept
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys, exit_status):
@@ -145,24 +155,82 @@ def test_published_config_runs_unchanged(tmp_path, exit_status):
     assert (tmp_path / "run" / "pretrained_XXS_best.pth").is_file()
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys,
-                                                                  exit_status):
-    config = write_config(tmp_path, epochs=3)
+@pytest.mark.parametrize("check_every,poisoned_call,calls_run,last_epoch", [
+    (4, 8, 10, 0),   # epoch 2, step 2 of 6: found at the check after step 4
+    (50, 6, 6, None),  # the last step of epoch 1: found before its checkpoint is written
+])
+def test_non_finite_loss_stops_and_no_checkpoint_holds_the_bad_update(
+        tmp_path, monkeypatch, capsys, exit_status, check_every, poisoned_call, calls_run,
+        last_epoch):
+    config = write_config(tmp_path, epochs=3, check_finite_every=check_every,
+                          dataset_csv=small_split(tmp_path, rows=48), batch_size=8)
     real_forward = MAEObjective.forward
     calls = []
 
     def poisoned(self, *args, **kwargs):
         losses = real_forward(self, *args, **kwargs)
         calls.append(1)
-        if len(calls) == 8:  # epoch 2 (6 steps per epoch), step 2
+        if len(calls) == poisoned_call:
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
     monkeypatch.setattr(MAEObjective, "forward", poisoned)
     assert exit_status(pretrain_mae.main, ["--config_yaml", config]) == 1
     err = capsys.readouterr().err
-    assert "non-finite loss (nan" in err and "epoch 2, step 2" in err
+    epoch, step = divmod(poisoned_call - 1, 6)
+    assert "non-finite loss (nan on process 0)" in err
+    assert f"epoch {epoch + 1}, step {step + 1} of 6" in err
+    assert len(calls) == calls_run  # no step waits for the host, none runs past the bound
+    run = tmp_path / "run"
+    if last_epoch is None:
+        assert not list(run.glob("*.pth")) and "Last good checkpoint: none" in err
+        return
+    for name in ("pretrained_XXS_last.pth", "pretrained_XXS_best.pth", "checkpoint_XXS.pth"):
+        checkpoint = torch.load(run / name, weights_only=True)
+        assert checkpoint["epoch"] == last_epoch
+        assert all(torch.isfinite(v).all() for v in checkpoint["model_state"].values())
+    assert len(read_rows(run / "training_metrics_XXS.csv")) == last_epoch + 1
+
+
+def test_a_checkpoint_resumes_through_the_published_resume(tmp_path, exit_status):
+    """What the published ``--resume`` does with ``checkpoint_{size}.pth``: model, optimizer
+    and GradScaler states load (a disabled scaler's empty state would be refused), and
+    training continues from them."""
+    config = write_config(tmp_path, epochs=1, dataset_csv=small_split(tmp_path), batch_size=8)
+    assert exit_status(pretrain_mae.main, ["--config_yaml", config]) == 0
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint_XXS.pth", map_location="cpu")
+    model = build_mae("XXS")
+    model.load_state_dict(checkpoint["model_state"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05)
+    optimizer.load_state_dict(checkpoint["opt_state"])
+    scaler = torch.amp.GradScaler(device="cpu")
+    scaler.load_state_dict(checkpoint["scaler_state"])
+    assert checkpoint["epoch"] + 1 == 1 and checkpoint["best_train_loss"] < float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        loss = MAEObjective(model)(torch.randn(4, 7, 40, 40))["loss"]
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 65536.0  # finite gradients: no back-off
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("precision,epochs", [("bf16", 2), ("fp16", 1)])
+def test_mixed_precision_run_on_cpu(tmp_path, exit_status, precision, epochs):
+    """CPU autocast stands in for a GPU: the whole loop under bf16, and fp16 with a GradScaler
+    whose state the checkpoint keeps."""
+    config = write_config(tmp_path, epochs=epochs, mixed_precision=precision,
+                          dataset_csv=small_split(tmp_path), batch_size=8)
+    assert exit_status(pretrain_mae.main, ["--config_yaml", config]) == 0
+    rows = read_rows(tmp_path / "run" / "training_metrics_XXS.csv")
+    assert len(rows) == epochs
+    assert all(0 < float(r["train_loss"]) < float("inf") for r in rows)
     last = torch.load(tmp_path / "run" / "pretrained_XXS_last.pth", weights_only=True)
-    assert last["epoch"] == 0
     assert all(torch.isfinite(v).all() for v in last["model_state"].values())
-    assert len(read_rows(tmp_path / "run" / "training_metrics_XXS.csv")) == 1
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.load_state_dict(last["scaler_state"])
+    if precision == "fp16":  # the run's scaler, not a fresh one: it counted its steps
+        assert last["scaler_state"]["_growth_tracker"] > 0 or scaler.get_scale() != 65536.0
+

@@ -3,18 +3,23 @@
 A training checkpoint is a dict with the published keys (``model_state``, ``opt_state``,
 ``scaler_state``, ``epoch``, ``best_train_loss``) plus ours (``format_version``,
 ``global_step``, ``steps_per_epoch``, ``best_loss``, ``best_metric``, ``rng_state``,
-``config``). Weights-only files from elsewhere load too: :func:`model_state_from` accepts the
+``config``, ``legacy_hour``). Weights-only files from elsewhere load too: :func:`model_state_from` accepts the
 published ``{"model_state": ...}`` dict, ``{"model": ...}``, ``{"state_dict": ...}`` or a bare
 state_dict, and :func:`filter_state_dict` maps foreign key layouts onto our model (DDP's
 ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes, an MAE checkpoint into a bare
 encoder, an encoder checkpoint into an MAE).
+
+The hour encoding follows the checkpoint: :func:`checkpoint_legacy_hour` tells which encoding
+a checkpoint was trained with, :func:`resolve_legacy_hour` what a script's ``legacy_hour`` key
+(null: the checkpoint's) makes of it.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Dict, Mapping
+import sys
+from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -123,12 +128,33 @@ def check_finite_weights(state: Mapping[str, torch.Tensor], path="checkpoint") -
                              f"{', '.join(bad[:3])}); the checkpoint is unusable")
 
 
-def load_pretrained(model_config: Mapping, device="cpu") -> MOEMAE:
+def scaler_state(scaler: torch.amp.GradScaler) -> dict:
+    """``scaler.state_dict()``; for a disabled scaler (bf16 or full precision), a fresh
+    enabled scaler's instead of the empty dict, since the published ``--resume`` calls
+    ``GradScaler.load_state_dict``, which refuses an empty state."""
+    return (scaler if scaler.is_enabled() else torch.amp.GradScaler("cpu")).state_dict()
+
+
+def load_pretrained(model_config: Mapping, device="cpu",
+                    checkpoint: Optional[Mapping] = None) -> MOEMAE:
     """The MAE of a config's ``model`` section (size, img_size, patch_size, in_channels) with
-    the weights of its ``checkpoint_path``, on ``device``, in ``eval()``."""
+    the weights of its ``checkpoint_path``, on ``device``, in ``eval()``. ``checkpoint``: that
+    file's dict when the caller has loaded it already (see :func:`resolve_legacy_hour`)."""
     mae = build_mae(model_config["size"], model_config["img_size"], model_config["patch_size"],
                     model_config["in_channels"])
-    return load_model(mae, model_config["checkpoint_path"], device)
+    path = model_config["checkpoint_path"]
+    apply_weights(mae, load_checkpoint(path) if checkpoint is None else checkpoint, path)
+    return mae.to(device).eval()
+
+
+def load_pretrained_and_hour(model_config: Mapping, legacy_hour: Optional[bool],
+                             device="cpu") -> Tuple[MOEMAE, bool]:
+    """:func:`load_pretrained`, and the hour encoding to feed the model: a config's
+    ``legacy_hour`` resolved against the checkpoint (:func:`resolve_legacy_hour`)."""
+    path = model_config["checkpoint_path"]
+    checkpoint = load_checkpoint(path)
+    return (load_pretrained(model_config, device, checkpoint),
+            resolve_legacy_hour(legacy_hour, checkpoint, str(path)))
 
 
 def load_model(model: nn.Module, checkpoint_path, device="cpu") -> nn.Module:
@@ -136,6 +162,36 @@ def load_model(model: nn.Module, checkpoint_path, device="cpu") -> nn.Module:
     switch to ``eval()``."""
     load_weights(model, checkpoint_path, map_location="cpu")
     return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------ hour encoding
+
+
+def checkpoint_legacy_hour(checkpoint: Mapping) -> bool:
+    """Whether ``checkpoint`` was trained with the published hour encoding (the first digit of
+    the hour): its ``legacy_hour`` record (pretrain_mae.py writes it), else the
+    ``training.legacy_hour`` of the config it holds (this project's checkpoints from before the
+    record), else True: the published format, whose weights were trained on the first digit."""
+    if "legacy_hour" in checkpoint:
+        return bool(checkpoint["legacy_hour"])
+    config = checkpoint.get("config")
+    training = config.get("training") if isinstance(config, Mapping) else None
+    recorded = training.get("legacy_hour") if isinstance(training, Mapping) else None
+    return recorded if isinstance(recorded, bool) else True
+
+
+def resolve_legacy_hour(configured: Optional[bool], checkpoint: Mapping, source: str) -> bool:
+    """The hour encoding to feed a checkpoint's model: ``configured`` (a config's
+    ``legacy_hour``) when given, else the checkpoint's. A configured value that differs from
+    the checkpoint's is honoured with a one-line warning naming ``source`` (the checkpoint)."""
+    trained = checkpoint_legacy_hour(checkpoint)
+    if configured is None:
+        return trained
+    if configured != trained:
+        names = {True: "the published first-digit hour", False: "the true hour"}
+        print(f"warning: legacy_hour is {str(configured).lower()} but {source} was trained on "
+              f"{names[trained]}: its hour token differs from training", file=sys.stderr)
+    return configured
 
 
 # -------------------------------------------------------------------------- RNG states

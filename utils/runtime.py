@@ -108,8 +108,10 @@ def select_device(name: str, local_rank: int = 0, key: str = "device") -> torch.
 
 
 def autocast_dtype(device: torch.device, mode: str) -> Optional[torch.dtype]:
-    """Mixed precision on CUDA only: ``auto`` = bf16 where supported, else fp16."""
-    if device.type != "cuda" or mode == "none":
+    """The autocast dtype of a ``mixed_precision`` setting: ``bf16`` and ``fp16`` on any
+    device (CPU autocast is how the tests reach the mixed-precision code), ``none`` full
+    precision, ``auto`` bf16 on CUDA where supported, else fp16 on CUDA, off elsewhere."""
+    if mode == "none" or (mode == "auto" and device.type != "cuda"):
         return None
     if mode == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
