@@ -55,6 +55,11 @@ MODEL_SIZES = {
 }
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 when it is in a lower precision (autocast's bf16/fp16), else unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 # ----------------------------------------------------------------------------- experts
 
 
@@ -79,20 +84,37 @@ class SwiGLU(nn.Module):
 
 
 class Routing(NamedTuple):
-    """What the gate decided for T tokens routed among E experts (top k)."""
+    """What the gate decided for T tokens routed among E experts (top k).
 
-    topk_idx: torch.Tensor  # (T, k) expert ids, best first
-    topk_gates: torch.Tensor  # (T, k) softmax over the k selected noisy logits
-    clean_logits: torch.Tensor  # (T, E) Wg x
+    The first five fields are the published gate's return value, in its order, so published
+    analysis code (``gates, _, topk_idx, *_ = moe.gate(x)``) runs unchanged.
+    """
+
+    gates: torch.Tensor  # (T, E) dense gate values, zero outside each token's top k
     noisy_logits: torch.Tensor  # (T, E) Wg x + eps * noise_scale (== clean in eval)
-    noise_scale: Optional[torch.Tensor]  # (T, E) softplus(Wnoise x); None if not needed
+    topk_idx: torch.Tensor  # (T, k) expert ids, best first
+    noise_scale: torch.Tensor  # (T, E) softplus(Wnoise x)
+    clean_logits: torch.Tensor  # (T, E) Wg x
+    topk_gates: torch.Tensor  # (T, k) softmax over the k selected noisy logits
     # (importance (E,), load (E,)) when the gate computed them (native kernel), else None
     balance: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
 
-    def dense_gates(self) -> torch.Tensor:
-        """(T, E) gate values, zero outside each token's top k."""
-        gates = self.clean_logits.new_zeros(self.clean_logits.shape)
-        return gates.scatter(1, self.topk_idx, self.topk_gates)
+    @classmethod
+    def build(cls, topk_idx, topk_gates, clean_logits, noisy_logits, noise_scale,
+              balance=None) -> "Routing":
+        """A routing from the top-k choice, with the dense gates filled in."""
+        gates = clean_logits.new_zeros(clean_logits.shape).scatter(1, topk_idx, topk_gates)
+        return cls(gates, noisy_logits, topk_idx, noise_scale, clean_logits, topk_gates,
+                   balance)
+
+    @classmethod
+    def of(cls, gate_output: Sequence[torch.Tensor]) -> "Routing":
+        """A gate's output as a Routing: the published analysis replaces ``gate.forward`` by
+        functions returning the published 5-tuple (gates, noisy, topk_idx, scale, clean)."""
+        if isinstance(gate_output, Routing):
+            return gate_output
+        gates, noisy, topk_idx, noise_scale, clean = gate_output[:5]
+        return cls(gates, noisy, topk_idx, noise_scale, clean, gates.gather(1, topk_idx))
 
 
 class _NativeGate(torch.autograd.Function):
@@ -131,15 +153,14 @@ class NoisyTopKGate(nn.Module):
         self.k = k
         self.use_reference = False
 
-    def forward(self, x: torch.Tensor, need_noise_scale: bool = True) -> Routing:
-        """x: (T, dim) -> :class:`Routing`. In ``eval()``, ``need_noise_scale=False`` skips
-        ``Wnoise`` (only the load-balancing loss would use it; ``noise_scale`` is then None)."""
+    @property
+    def num_experts(self) -> int:
+        return self.Wg.out_features
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x: (T, dim) -> :class:`Routing`."""
         if self.use_reference:
             clean, noise_logits = self.Wg(x), self.Wnoise(x)
-        elif not (need_noise_scale or self.training):
-            clean = linear(x, self.Wg.weight, self.Wg.bias).float()  # fp32 gate, see below
-            topk_vals, topk_idx = clean.topk(self.k, dim=-1)
-            return Routing(topk_idx, topk_vals.softmax(dim=-1), clean, clean, None)
         else:
             logits = linear(x, torch.cat([self.Wg.weight, self.Wnoise.weight]),
                             torch.cat([self.Wg.bias, self.Wnoise.bias]))
@@ -148,16 +169,16 @@ class NoisyTopKGate(nn.Module):
                 eps = torch.randn(x.shape[0], E, dtype=x.dtype) if self.training else None
                 topk_idx, gates, noisy, noise_scale, importance, load = _NativeGate.apply(
                     logits, eps, self.k)
-                return Routing(topk_idx, gates, logits[:, :E], noisy, noise_scale,
-                               (importance, load))
+                return Routing.build(topk_idx, gates, logits[:, :E], noisy, noise_scale,
+                                     (importance, load))
             clean, noise_logits = logits.chunk(2, dim=-1)
         # The gate runs in fp32 whatever the autocast dtype: bf16 logits tie often in top-k,
         # and softplus and the balancing loss's normal CDF need the range.
-        clean, noise_logits = clean.float(), noise_logits.float()
+        clean, noise_logits = at_least_fp32(clean), at_least_fp32(noise_logits)
         noise_scale = F.softplus(noise_logits)
         noisy = clean + torch.randn_like(clean) * noise_scale if self.training else clean
         topk_vals, topk_idx = noisy.topk(self.k, dim=-1)
-        return Routing(topk_idx, topk_vals.softmax(dim=-1), clean, noisy, noise_scale)
+        return Routing.build(topk_idx, topk_vals.softmax(dim=-1), clean, noisy, noise_scale)
 
 
 def coefficient_of_variation(x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +211,7 @@ def load_balancing_loss(routing: Routing, w_importance: float = 1e-2,
     in_topk = torch.zeros_like(noisy, dtype=torch.bool).scatter(1, routing.topk_idx, True)
     threshold = torch.where(in_topk, kth_plus_1, kth)
     load = torch.special.ndtr((routing.clean_logits - threshold) / routing.noise_scale).sum(0)
-    importance = routing.dense_gates().sum(0)
+    importance = routing.gates.sum(0)
     return w_importance * coefficient_of_variation(importance) + \
         w_load * coefficient_of_variation(load)
 
@@ -242,15 +263,22 @@ class MoELayer(nn.Module):
         """x: (B, N, dim) -> (y (B, N, dim), auxiliary loss (scalar), or None when
         ``with_loss`` is False: inference that needs no loss skips its computation).
         x_t: optionally x as a contiguous (dim, B * N) transpose, for weight gradients."""
+        y, aux_loss, _ = self.forward_with_routing(x, x_t, with_loss)
+        return y, aux_loss
+
+    def forward_with_routing(self, x: torch.Tensor, x_t: Optional[torch.Tensor] = None,
+                             with_loss: bool = True
+                             ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Routing]:
+        """:meth:`forward`, and the gate's :class:`Routing` of the B * N tokens."""
         flat = x.reshape(-1, self.dim)
-        routing = self.gate(flat, need_noise_scale=with_loss)
+        routing = Routing.of(self.gate(flat))
         aux_loss = load_balancing_loss(routing, self.w_importance, self.w_load) \
             if with_loss else None
         if self.use_reference:
             y = self.combine_reference(flat, routing)
         else:
             y = fast_ops.dropout(self.combine(flat, routing, x_t), self.dropout.p, self.training)
-        return y.view_as(x), aux_loss
+        return y.view_as(x), aux_loss, routing
 
     def combine(self, flat: torch.Tensor, routing: Routing,
                 flat_t: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -262,7 +290,7 @@ class MoELayer(nn.Module):
 
     def combine_reference(self, flat: torch.Tensor, routing: Routing) -> torch.Tensor:
         """The published per-expert loop (dropout included). flat: (T, dim) -> (T, dim)."""
-        gates = routing.dense_gates()
+        gates = routing.gates
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             tokens = (routing.topk_idx == e).any(dim=1).nonzero().squeeze(1)
@@ -296,11 +324,11 @@ def grouped_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num
     v = v.view(B, N, G, hd).transpose(1, 2).reshape(B * G, N, hd)
     if torch.is_grad_enabled() and (q.requires_grad or k_t.requires_grad or v.requires_grad):
         # softmax in fp32 under autocast (CPU autocast would keep it in bf16)
-        out = torch.bmm(torch.bmm(q, k_t).float().softmax(-1).to(v.dtype), v)
+        out = torch.bmm(at_least_fp32(torch.bmm(q, k_t)).softmax(-1).to(v.dtype), v)
     else:
         out = v.new_empty(B * G, R * N, hd)
         for i in range(0, B * G, chunk):
-            scores = torch.bmm(q[i:i + chunk], k_t[i:i + chunk]).float()
+            scores = at_least_fp32(torch.bmm(q[i:i + chunk], k_t[i:i + chunk]))
             torch.bmm(scores.softmax(-1).to(v.dtype), v[i:i + chunk], out=out[i:i + chunk])
     return out.view(B, G, R, N, hd).permute(0, 3, 1, 2, 4).reshape(B, N, num_heads * hd)
 
@@ -400,7 +428,7 @@ class GroupedQueryAttention(nn.Module):
         k = self.k_proj(x).view(B, N, 1, G, hd).repeat(1, 1, H // G, 1, 1).view(B, N, H, hd)
         v = self.v_proj(x).view(B, N, 1, G, hd).repeat(1, 1, H // G, 1, 1).view(B, N, H, hd)
         attn = (q @ k.permute(0, 2, 3, 1)) * hd ** -0.5
-        out = attn.float().softmax(dim=-1) @ v.transpose(1, 2)  # softmax in fp32
+        out = at_least_fp32(attn).softmax(dim=-1) @ v.transpose(1, 2)  # softmax in fp32
         return self.out_proj(out.transpose(1, 2).reshape(B, N, self.dim))
 
 
@@ -410,6 +438,18 @@ class GroupedQueryAttention(nn.Module):
 def plain_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> Tuple[torch.Tensor, None]:
     """The reference path's norm, with the signature of :func:`models.fast_ops.layer_norm`."""
     return norm(x), None
+
+
+class LayerStep(NamedTuple):
+    """One encoder layer ``output = h + moe(norm2(h))`` with ``h = x + attn(norm1(x))``;
+    tensors (B, L, dim)."""
+
+    residual: torch.Tensor  # h, the stream the MoE output is added to
+    moe_input: torch.Tensor  # norm2(h), what the gate and the experts see
+    moe_output: torch.Tensor
+    output: torch.Tensor
+    aux_loss: Optional[torch.Tensor]  # the MoE's load-balancing loss (None without with_loss)
+    routing: Routing  # the gate's decisions for the B * L tokens
 
 
 class MoETransformerEncoderLayer(nn.Module):
@@ -426,11 +466,19 @@ class MoETransformerEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, with_loss: bool = True
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """x: (B, N, m) -> (x (B, N, m), auxiliary loss or None, see :meth:`MoELayer.forward`)."""
+        step = self.steps(x, with_loss)
+        return step.output, step.aux_loss
+
+    def steps(self, x: torch.Tensor, with_loss: bool = True) -> LayerStep:
+        """:meth:`forward` with its intermediate tokens and the routing (:class:`LayerStep`)."""
         # the fast norms also hand their output transposed to the next layers' weight gradients
         norm = plain_layer_norm if self.attn.use_reference else fast_ops.layer_norm
-        x = x + self.attn(*norm(x, self.norm1))
-        moe_out, aux_loss = self.moe(*norm(x, self.norm2), with_loss=with_loss)
-        return x + moe_out, aux_loss
+        residual = x + self.attn(*norm(x, self.norm1))
+        moe_input, moe_input_t = norm(residual, self.norm2)
+        moe_output, aux_loss, routing = self.moe.forward_with_routing(moe_input, moe_input_t,
+                                                                      with_loss)
+        return LayerStep(residual, moe_input, moe_output, residual + moe_output, aux_loss,
+                         routing)
 
 
 def expert_hidden_widths(depth: int, dfirsth: int, dlasth: int) -> List[int]:

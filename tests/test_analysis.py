@@ -181,7 +181,7 @@ def test_ablation_after_the_final_norm_goes_through_the_remaining_layers(mae, ba
     moe = encoder.layers[layer].moe
     x = tokens.moe_inputs[layer]
     with torch.no_grad():
-        gates = moe.gate(x.reshape(-1, 108)).dense_gates().view(4, 105, -1)
+        gates = moe.gate(x.reshape(-1, 108)).gates.view(4, 105, -1)
         terms = [gates[..., e:e + 1] * expert_output(moe, e, x) for e in range(moe.num_experts)]
 
         def final(moe_output):

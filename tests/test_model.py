@@ -292,7 +292,7 @@ def test_load_balancing_uses_shazeers_thresholds():
     noisy = torch.tensor([[3.0, 2.0, 1.0]])
     scale = torch.tensor([[1.0, 2.0, 0.5]])
     topk_vals, topk_idx = noisy.topk(2)
-    routing = Routing(topk_idx, topk_vals.softmax(-1), clean, noisy, scale)
+    routing = Routing.build(topk_idx, topk_vals.softmax(-1), clean, noisy, scale)
     normal = torch.distributions.Normal(0.0, 1.0)
     load = normal.cdf(torch.tensor([(2.5 - 1.0) / 1.0, (2.0 - 1.0) / 2.0, (0.0 - 2.0) / 0.5]))
     gates = torch.tensor([topk_vals.softmax(-1)[0, 0], topk_vals.softmax(-1)[0, 1], 0.0])
@@ -358,3 +358,44 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="patch_size"):
         build_model("S", img_size=42)
     assert isinstance(MOEMAE(build_model("XXS")), MOEMAE)
+
+
+# ------------------------------------------------------ what the published analysis reads
+
+
+def test_gate_and_experts_offer_the_published_analysis_interface():
+    """The published analysis unpacks ``gates, _, topk_idx, *_ = moe.gate(x)``, calls
+    ``moe.experts[e](x)``, ``gate.Wg(x)``, ``gate.Wnoise(x)`` and replaces ``gate.forward`` by a
+    function returning that 5-tuple (its deterministic routing); layers must keep working."""
+    mae = mae_of("XXS").eval()
+    layer = mae.encoder.layers[0]
+    moe, gate = layer.moe, layer.moe.gate
+    x = torch.randn(2, 105, 108, generator=torch.Generator().manual_seed(5))
+    flat = x.reshape(-1, 108)
+    with torch.no_grad():
+        gates, noisy, topk_idx, noise_scale, clean = moe.gate(flat)[:5]
+        assert gates.shape == (210, moe.num_experts) and topk_idx.shape == (210, gate.k)
+        torch.testing.assert_close(gates.sum(1), torch.ones(210))
+        assert torch.equal((gates > 0).sum(1), torch.full((210,), gate.k))
+        torch.testing.assert_close(clean, gate.Wg(flat), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(noise_scale, torch.nn.functional.softplus(gate.Wnoise(flat)),
+                                   rtol=1e-5, atol=1e-5)
+        assert len(moe.experts) == moe.num_experts
+        mixed = sum(gates[:, e:e + 1] * moe.experts[e](flat) for e in range(moe.num_experts))
+        want, _ = moe(x)
+        torch.testing.assert_close(mixed.view_as(x), want, rtol=1e-4, atol=1e-5)
+
+        def published_forward(tokens):  # what the published deterministic routing installs
+            logits = gate.Wg(tokens)
+            vals, idx = logits.topk(gate.k, dim=-1)
+            dense = tokens.new_zeros(logits.shape).scatter(-1, idx, vals.softmax(-1))
+            return dense, logits, idx, torch.nn.functional.softplus(gate.Wnoise(tokens)), logits
+
+        out, loss = layer(x)
+        gate.forward = published_forward
+        try:
+            out_published, loss_published = layer(x)
+        finally:
+            del gate.forward
+    torch.testing.assert_close(out_published, out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss_published, loss, rtol=1e-4, atol=1e-6)

@@ -1,9 +1,6 @@
 """What the experts do: routing, expert contributions and ablations, usage statistics, figures.
 
-:class:`RoutingCounter` counts, per MoE layer, how often each expert is chosen, by forward
-hooks on the gates; training uses it to watch for router collapse.
-
-The rest analyses a trained encoder (an :class:`~models.moe_mae.MOEEncoder`, or the
+This module analyses a trained encoder (an :class:`~models.moe_mae.MOEEncoder`, or the
 :class:`~models.moe_mae.MOEMAE` around it), always in ``eval()`` mode (deterministic gates, no
 dropout; the model's own mode is restored afterwards) and without autograd:
 
@@ -33,7 +30,6 @@ from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib import colormaps
@@ -41,91 +37,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from datasets.builders import split_batch
-from models.moe_mae import CLS_INDEX, MOEEncoder, MOEMAE, MoELayer, NoisyTopKGate
+from models.moe_mae import CLS_INDEX, MOEEncoder, MOEMAE, MoELayer, Routing
+from models.routing_stats import RoutingCounter, moe_layer_name  # noqa: F401 (re-export)
 from utils.data_config import BigEarthNetInfo
 from utils.data_utils import rgb_bands, save_figure, stretch, stretch_limits, unnormalize
 
 PathLike = Union[str, Path]
 FIRST_PATCH = CLS_INDEX + 1  # tokens [week, hour, lat, lon, CLS, patches...]
 ABLATION_POINTS = ("layer", "final")
-
-
-def moe_layer_name(gate_name: str) -> str:
-    """'encoder.layers.3.moe.gate' -> 'encoder.layers.3'."""
-    return gate_name.rsplit(".moe.gate", 1)[0]
-
-
-class RoutingCounter:
-    """Per MoE layer: tokens seen, and per expert how many tokens chose it first (top-1) and
-    among their top k. Counts stay on the model's device until read (no synchronisation per
-    step). Use as a context manager, or call :meth:`remove` to drop the hooks.
-
-    ``shares()``: per layer, ``top1`` (E,) fractions of tokens whose first choice is each
-    expert (sums to 1) and ``topk`` (E,) fractions of tokens that route to each expert at all
-    (sums to k; with k=2 and 3 experts, 2/3 each when perfectly balanced).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.gates = {moe_layer_name(name): gate for name, gate in model.named_modules()
-                      if isinstance(gate, NoisyTopKGate)}
-        self.counts: Dict[str, Dict[str, torch.Tensor]] = {}
-        self.handles = [gate.register_forward_hook(self._hook(name))
-                        for name, gate in self.gates.items()]
-
-    def _hook(self, name: str):
-        def count(gate, inputs, routing):
-            num_experts = gate.Wg.out_features
-            idx = routing.topk_idx.detach()
-            top1 = torch.bincount(idx[:, 0], minlength=num_experts)
-            topk = torch.bincount(idx.reshape(-1), minlength=num_experts)
-            tokens = torch.tensor([idx.shape[0]], device=idx.device)
-            if name in self.counts:
-                entry = self.counts[name]
-                entry["top1"] += top1
-                entry["topk"] += topk
-                entry["tokens"] += tokens
-            else:
-                self.counts[name] = {"top1": top1, "topk": topk, "tokens": tokens}
-        return count
-
-    def reset(self) -> None:
-        self.counts = {}
-
-    def all_reduce(self) -> None:
-        """Sum the counts over DDP ranks (every rank must call it)."""
-        if torch_dist.is_available() and torch_dist.is_initialized():
-            for entry in self.counts.values():
-                for tensor in entry.values():
-                    torch_dist.all_reduce(tensor)
-
-    def shares(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        return {name: {"top1": entry["top1"].double().cpu() / entry["tokens"].item(),
-                       "topk": entry["topk"].double().cpu() / entry["tokens"].item()}
-                for name, entry in self.counts.items()}
-
-    def collapsed(self, threshold: float = 0.9, prefix: str = "") -> List[str]:
-        """One line per layer (whose name starts with ``prefix``) in which a single expert is
-        chosen by more than ``threshold`` of the tokens (among their top k)."""
-        lines = []
-        for name, share in self.shares().items():
-            if not name.startswith(prefix):
-                continue
-            expert = int(share["topk"].argmax())
-            if share["topk"][expert] > threshold:
-                lines.append(f"{name}: expert {expert} routes {share['topk'][expert]:.0%} of the "
-                             f"tokens (top-1 for {share['top1'][expert]:.0%})")
-        return lines
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def __enter__(self) -> "RoutingCounter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
 
 
 # ----------------------------------------------------------------------- encoder tokens
@@ -154,25 +73,25 @@ def evaluation(model: nn.Module) -> Iterator[nn.Module]:
 
 
 class LayerStep(NamedTuple):
-    """One encoder layer ``out = h + moe(norm2(h))`` with ``h = x + attn(norm1(x))``; every
-    tensor (B, L, dim)."""
+    """One encoder layer ``out = h + moe(norm2(h))`` with ``h = x + attn(norm1(x))``, as the
+    layer itself reports it (:meth:`~models.moe_mae.MoETransformerEncoderLayer.steps`);
+    every tensor (B, L, dim)."""
 
     index: int
     residual: torch.Tensor  # h, the stream the MoE output is added to
     moe_input: torch.Tensor  # norm2(h), what the gate and the experts see
     moe_output: torch.Tensor
     output: torch.Tensor
+    routing: Routing  # the gate's decisions for the B * L tokens
 
 
 def run_layers(encoder: MOEEncoder, tokens: torch.Tensor, start: int = 0) -> Iterator[LayerStep]:
     """Run ``encoder.layers[start:]`` on tokens (B, L, dim), yielding each layer's step."""
     for index in range(start, len(encoder.layers)):
-        layer = encoder.layers[index]
-        residual = tokens + layer.attn(layer.norm1(tokens))
-        moe_input = layer.norm2(residual)
-        moe_output, _ = layer.moe(moe_input)
-        tokens = residual + moe_output
-        yield LayerStep(index, residual, moe_input, moe_output, tokens)
+        step = encoder.layers[index].steps(tokens, with_loss=False)
+        tokens = step.output
+        yield LayerStep(index, step.residual, step.moe_input, step.moe_output, step.output,
+                        step.routing)
 
 
 class EncoderTokens(NamedTuple):
@@ -185,6 +104,7 @@ class EncoderTokens(NamedTuple):
     moe_outputs: List[torch.Tensor]
     outputs: List[torch.Tensor]  # residual + moe_output per layer: the layer's output
     normed: torch.Tensor  # (B, L, dim) the final norm of the last output (the encoder's output)
+    routings: List[Routing]  # per layer, the gate's routing of the B * L tokens
 
 
 def encoder_layer_tokens(model: nn.Module, imgs: torch.Tensor, meta_week=None, meta_hour=None,
@@ -197,17 +117,17 @@ def encoder_layer_tokens(model: nn.Module, imgs: torch.Tensor, meta_week=None, m
         steps = list(run_layers(encoder, inputs))
         return EncoderTokens(inputs, [s.residual for s in steps], [s.moe_input for s in steps],
                              [s.moe_output for s in steps], [s.output for s in steps],
-                             encoder.norm(steps[-1].output))
+                             encoder.norm(steps[-1].output), [s.routing for s in steps])
 
 
 # ---------------------------------------------------------------------- one MoE layer
 
 
 def expert_outputs(moe: MoELayer, x: torch.Tensor) -> torch.Tensor:
-    """Every expert's output ``f_e(x) = W2(silu(W_e x) * V x)`` (no dropout): x (T, dim) ->
-    (T, E, dim), whether or not the gate routes the token to e."""
-    shared = moe.V(x)
-    return torch.stack([moe.W2(F.silu(expert.W(x)) * shared) for expert in moe.experts], dim=1)
+    """Every expert's output ``f_e(x) = W2(silu(W_e x) * V x)`` (no dropout: ``eval()``), by
+    the layer's own expert modules: x (T, dim) -> (T, E, dim), whether or not the gate routes
+    the token to e."""
+    return torch.stack([expert(x) for expert in moe.experts], dim=1)
 
 
 def mix(gates: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
@@ -298,8 +218,8 @@ def analyze_layer(model: nn.Module, imgs: torch.Tensor, meta_week=None, meta_hou
         x = tokens.moe_inputs[layer]
         B, L, dim = x.shape
         flat = x.reshape(-1, dim)
-        routing = moe.gate(flat)
-        gates = routing.dense_gates()  # (B * L, E)
+        routing = tokens.routings[layer]
+        gates = routing.gates  # (B * L, E)
         outputs = expert_outputs(moe, flat)  # (B * L, E, dim)
         y = mix(gates, outputs)
 
@@ -479,12 +399,10 @@ def expert_usage_statistics(model: nn.Module, loader,
                 class_chips = _add_rows(class_chips, labels.sum(0).cpu().numpy())
             tokens = encoder.prepare_tokens(imgs, *meta)
             for step in run_layers(encoder, tokens):
-                moe = encoder.layers[step.index].moe
-                patches = step.moe_input[:, FIRST_PATCH:]
-                B, N, dim = patches.shape
-                routing = moe.gate(patches.reshape(-1, dim))
-                totals[step.index].add(routing.topk_idx.reshape(B, N, -1),
-                                       routing.clean_logits.reshape(B, N, -1), labels)
+                B, L = step.moe_input.shape[:2]
+                topk_idx = step.routing.topk_idx.view(B, L, -1)[:, FIRST_PATCH:]
+                clean_logits = step.routing.clean_logits.view(B, L, -1)[:, FIRST_PATCH:]
+                totals[step.index].add(topk_idx, clean_logits, labels)
             num_chips += imgs.shape[0]
     if num_chips == 0:
         raise ValueError("the loader yielded no batches")
