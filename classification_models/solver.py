@@ -14,7 +14,8 @@ intercept b not penalised:
 
       f(W, b) = 0.5 ||W||_F^2 + C * sum_i [logsumexp_k(z_ik) - z_i,y_i]
 
-Method. L-BFGS (memory 10) with a backtracking Armijo line search, run on all columns at once:
+Method. L-BFGS (memory 10) with a backtracking line search (Armijo, quadratic interpolation),
+run on all columns at once:
 every data pass computes ``X @ W`` for all K columns in one matrix product and ``X^T R`` for the
 gradient, block by block (a :class:`~classification_models.rows.RowSource`), so memory is bounded
 by a block and the threads of the matrix products do the parallel work (on a GPU with
@@ -68,6 +69,7 @@ class FitReport:
     grad_norm: list = field(default_factory=list)
     grad_norm_at_zero: list = field(default_factory=list)
     status: list = field(default_factory=list)
+    theta: Optional[torch.Tensor] = None  # the solution in solver coordinates
 
     @property
     def converged(self) -> bool:
@@ -78,7 +80,8 @@ class FitReport:
         return {"solver": "lbfgs", "objective_form": "multinomial" if self.multinomial else
                 "one-vs-rest", "tol": self.tol, "iterations": self.iterations,
                 "data_passes": self.data_passes, "seconds": round(self.seconds, 3),
-                "converged": self.converged, "final_objective": self.objective,
+                "converged": self.converged,
+                "final_objective": self.objective,
                 "total_objective": float(sum(self.objective)), "grad_norm": self.grad_norm,
                 "relative_grad_norm": relative, "status": self.status}
 
@@ -169,9 +172,10 @@ class LogisticProblem:
 
 
 def fit_lbfgs(problem: LogisticProblem, tol: float = DEFAULT_TOL, max_iter: int = 1000,
-              verbose: bool = False) -> tuple[np.ndarray, FitReport]:
-    """Minimise ``problem``; returns ((D+1, K) float64 coefficients on x' with the intercepts in
-    the last row, report)."""
+              verbose: bool = False, start: Optional[torch.Tensor] = None
+              ) -> tuple[np.ndarray, FitReport]:
+    """Minimise ``problem`` from ``start`` (solver coordinates, (D+1, K); zero when None);
+    returns ((D+1, K) float64 coefficients on x' with the intercepts in the last row, report)."""
     started = time.perf_counter()
     multinomial, n_cols = problem.multinomial, problem.n_outputs
     report = FitReport(multinomial=multinomial, tol=tol)
@@ -189,7 +193,10 @@ def fit_lbfgs(problem: LogisticProblem, tol: float = DEFAULT_TOL, max_iter: int 
     theta = torch.zeros(problem.dim + 1, n_cols, dtype=torch.float64)
     f, g, g_model = problem.evaluate(theta)
     g0 = group_norm(g_model)
-    g_norm = g0.clone()
+    if start is not None:
+        theta = start.clone()
+        f, g, g_model = problem.evaluate(theta)
+    g_norm = group_norm(g_model)
     status = ["running"] * n_groups
     history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     active = torch.ones(n_groups, dtype=torch.bool)
@@ -228,7 +235,12 @@ def fit_lbfgs(problem: LogisticProblem, tol: float = DEFAULT_TOL, max_iter: int 
             pending[groups] = ~accepted
             if not pending.any():
                 break
-            step[pending] *= 0.5
+            # minimum of the quadratic through f, the slope at 0 and the trial value,
+            # kept within [0.1, 0.5] of the failed step
+            failed = groups[~accepted]
+            tried, rise = step[failed], fp[~accepted] - f[failed] - slope[failed] * step[failed]
+            quadratic = -slope[failed] * tried ** 2 / (2 * rise.clamp_min(1e-300))
+            step[failed] = torch.minimum(torch.maximum(quadratic, 0.1 * tried), 0.5 * tried)
         for j in torch.nonzero(pending).flatten().tolist():
             status[j] = "line_search_failed"  # no decrease along the direction: float32 floor
         moved = spread(active & ~pending, n_cols)
@@ -259,6 +271,7 @@ def fit_lbfgs(problem: LogisticProblem, tol: float = DEFAULT_TOL, max_iter: int 
     report.grad_norm = [float(v) for v in g_norm]
     report.grad_norm_at_zero = [float(v) for v in g0]
     report.status = status
+    report.theta = theta
     return problem.to_model(theta).numpy(), report
 
 
