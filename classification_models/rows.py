@@ -34,7 +34,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-DEFAULT_BLOCK_BYTES = 64 << 20  # stored bytes per block read from disk
+DEFAULT_BLOCK_BYTES = 16 << 20  # stored bytes per block read from disk
 DEFAULT_CACHE_BYTES = 1 << 30  # a transformed source up to this size is held in memory
 
 
