@@ -2,11 +2,20 @@
 
     python train_logistic_regression.py --train train.npz --val val.npz [--test test.npz] \\
         --out DIR --name N [--multilabel true|false] [--n-jobs 8] [--feature-slice a:b] \\
-        [--pool [true|false]] [--scale] [--train-fraction f --seed s] [--probe logreg|knn]
+        [--pool [true|false]] [--scale] [--train-fraction f --seed s] [--probe logreg|knn] \
+        [--solver lbfgs|sag] [--C 1] [--tol 1e-4] [--device cpu|cuda] [--knn-metric euclidean]
 
-Writes ``DIR/{name}_{timestamp}.joblib`` (the fitted model) and ``DIR/{name}_{timestamp}.json``
-(settings, inputs, task, class names, metrics for val and test), both atomically; a second run
-in the same second gets ``{timestamp}-1``. Embedding file format, task inference, --pool and
+The logistic-regression probe is fitted by the exact L-BFGS solver on features streamed from the
+file (classification_models/solver.py, rows.py); ``--solver sag`` is the published solver.
+
+Writes ``DIR/{name}_{timestamp}.joblib`` (the fitted model, a published-compatible
+``LogisticRegressionModel``) and ``DIR/{name}_{timestamp}.json``, both atomically; a second run
+in the same second gets ``{timestamp}-1``. The record holds the published script's keys
+(``train_npz``, ``val_npz``, ``x_shape_train``, ``y_shape_train``, ``x_shape_val``,
+``y_shape_val``, ``multilabel``, ``feature_slice``, ``n_jobs``, ``version``, ``timestamp`` and
+``metrics`` with the validation ``f1_micro``, ``f1_macro``, ``accuracy`` (multiclass) and
+``report``) and the project's: ``metrics.val`` and ``metrics.test`` (all metrics of each
+split), settings, inputs, task, class names and ``fit`` (the solver's report). Embedding file format, task inference, --pool and
 --feature-slice: classification_models/embeddings.py. Metric names:
 classification_models/metrics.py.
 
