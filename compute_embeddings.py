@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from datasets.builders import DATA_FIELDS, build_split, class_names
-from embed.compute_embed import DTYPES, PRECISIONS, compute_embeddings
+from embed.compute_embed import DTYPES, KEY_STYLES, PRECISIONS, compute_embeddings, output_keys
 from models.moe_mae import POOLINGS
 from utils.checkpoint import load_pretrained_and_hour
 from utils.config import Field, config_arguments, dump_config, load_config, model_fields
@@ -44,6 +44,9 @@ SCHEMA = {
         "compile": Field("bool", False, help="torch.compile the encoder"),
         "output_dir": Field("path"),
         "name": Field("str", "embeddings"),
+        "keys": Field("str", "ours", choices=KEY_STYLES,
+                      help="published: x_<split>/y_<split> int16 one-hot, as the published "
+                           "notebooks read"),
     },
 }
 
@@ -80,9 +83,11 @@ def main(argv=None) -> int:
                 normed=embed_cfg["normed"], use_metadata=embed_cfg["use_metadata"],
                 dtype=embed_cfg["dtype"], precision=embed_cfg["precision"],
                 compile=embed_cfg["compile"], batch_size=data_cfg["batch_size"],
-                num_workers=data_cfg["num_workers"], device=device, settings=settings)
+                num_workers=data_cfg["num_workers"], device=device, settings=settings,
+                keys=embed_cfg["keys"], split=split)
             if dist.is_main:
-                print(f"[{split}] {len(dataset)} samples -> {output} x {result['x'].shape} "
+                x_key = output_keys(embed_cfg["keys"], split)[0]
+                print(f"[{split}] {len(dataset)} samples -> {output} x {result[x_key].shape} "
                       f"({time.perf_counter() - start:.1f} s)", flush=True)
                 result.close()
     finally:

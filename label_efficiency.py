@@ -30,7 +30,8 @@ from classification_models.embeddings import (EmbeddingSplit, check_compatible, 
                                               check_training_labels, label_fraction_indices,
                                               load_split, parse_feature_slice)
 from classification_models.metrics import HEADLINE_METRIC, scalar_metrics
-from classification_models.probes import add_probe_arguments, build_probe, fit_probe, warn
+from classification_models.probes import (add_probe_arguments, build_probe, fit_probe,
+                                          probe_options, warn)
 from train_logistic_regression import check_probe_arguments
 from utils.config import check_seed
 from utils.errors import UserInputError, run_cli
@@ -104,8 +105,8 @@ def load_variants(variants, args) -> list[tuple[str, EmbeddingSplit, EmbeddingSp
     loaded = []
     for name, train_path, test_path in variants:
         multilabel = loaded[0][1].multilabel if loaded else args.multilabel
-        train = load_split(train_path, multilabel, args.pool, args.feature_slice)
-        test = load_split(test_path, train.multilabel, args.pool, args.feature_slice)
+        train = load_split(train_path, multilabel, args.pool, args.feature_slice, stream=True)
+        test = load_split(test_path, train.multilabel, args.pool, args.feature_slice, stream=True)
         check_compatible(train, test)
         if loaded:
             check_same_rows(loaded[0][1], train)
@@ -185,10 +186,9 @@ def main(argv=None) -> int:
                                                  reference_train.path, class_names, context):
                 warn(message)
             for name, train, test in loaded:
-                model = build_probe(args.probe, multilabel=train.multilabel, scale=args.scale,
-                                    seed=seed, n_jobs=args.n_jobs, k=args.k,
-                                    max_iter=args.max_iter)
-                fit_probe(model, train.x[subset], train.y[subset])
+                model = build_probe(args.probe, multilabel=train.multilabel,
+                                    **{**probe_options(args), "seed": seed})
+                fit_probe(model, train.x.select(subset).cached(), train.y[subset])
                 metrics = scalar_metrics(model.evaluate(test.x, test.y, class_names)[0])
                 n_test = metrics.pop("n_samples")
                 rows.append({"variant": name, "fraction": fraction, "seed": seed,

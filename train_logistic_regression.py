@@ -2,11 +2,20 @@
 
     python train_logistic_regression.py --train train.npz --val val.npz [--test test.npz] \\
         --out DIR --name N [--multilabel true|false] [--n-jobs 8] [--feature-slice a:b] \\
-        [--pool [true|false]] [--scale] [--train-fraction f --seed s] [--probe logreg|knn]
+        [--pool [true|false]] [--scale] [--train-fraction f --seed s] [--probe logreg|knn] \
+        [--solver lbfgs|sag] [--C 1] [--tol 1e-4] [--device cpu|cuda] [--knn-metric euclidean]
 
-Writes ``DIR/{name}_{timestamp}.joblib`` (the fitted model) and ``DIR/{name}_{timestamp}.json``
-(settings, inputs, task, class names, metrics for val and test), both atomically; a second run
-in the same second gets ``{timestamp}-1``. Embedding file format, task inference, --pool and
+The logistic-regression probe is fitted by the exact L-BFGS solver on features streamed from the
+file (classification_models/solver.py, rows.py); ``--solver sag`` is the published solver.
+
+Writes ``DIR/{name}_{timestamp}.joblib`` (the fitted model, a published-compatible
+``LogisticRegressionModel``) and ``DIR/{name}_{timestamp}.json``, both atomically; a second run
+in the same second gets ``{timestamp}-1``. The record holds the published script's keys
+(``train_npz``, ``val_npz``, ``x_shape_train``, ``y_shape_train``, ``x_shape_val``,
+``y_shape_val``, ``multilabel``, ``feature_slice``, ``n_jobs``, ``version``, ``timestamp`` and
+``metrics`` with the validation ``f1_micro``, ``f1_macro``, ``accuracy`` (multiclass) and
+``report``) and the project's: ``metrics.val`` and ``metrics.test`` (all metrics of each
+split), settings, inputs, task, class names and ``fit`` (the solver's report). Embedding file format, task inference, --pool and
 --feature-slice: classification_models/embeddings.py. Metric names:
 classification_models/metrics.py.
 
@@ -24,13 +33,15 @@ from pathlib import Path
 from classification_models.embeddings import (check_compatible, check_fraction,
                                               check_training_labels, label_fraction_indices,
                                               load_split, parse_feature_slice)
-from classification_models.metrics import HEADLINE_METRIC
-from classification_models.probes import add_probe_arguments, build_probe, fit_probe, warn
+from classification_models.metrics import HEADLINE_METRIC, published_split_metrics
+from classification_models.probes import (add_probe_arguments, build_probe, fit_probe,
+                                          probe_options, warn)
 from utils.config import check_range, check_seed
 from utils.errors import UserInputError, run_cli
 from utils.files import check_output_dir, joblib_dump, write_json
 
 EVAL_ROLES = ("val", "test")
+PUBLISHED_RECORD_VERSION = "simple-1.0"  # the published record's schema, which this one extends
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +67,9 @@ def check_probe_arguments(args) -> None:
     check_seed("--seed", args.seed)
     check_range("--k", args.k, 1)
     check_range("--max-iter", args.max_iter, 1)
+    for option, value in (("--C", args.C), ("--tol", args.tol)):
+        if not value > 0:  # also NaN
+            raise UserInputError(f"{option} must be > 0, got {value}")
     if args.n_jobs == 0 or args.n_jobs < -1:
         raise UserInputError(f"--n-jobs must be -1 (all cores) or at least 1, got {args.n_jobs}")
     check_output_dir(args.out, "--out")
@@ -84,32 +98,32 @@ def main(argv=None) -> int:
         parse_feature_slice(args.feature_slice)  # fail on the format before loading large files
     args.name = args.name or args.probe
 
-    train = load_split(args.train, args.multilabel, args.pool, args.feature_slice)
+    train = load_split(args.train, args.multilabel, args.pool, args.feature_slice, stream=True)
     eval_splits = {}
     for role in EVAL_ROLES:
         path = getattr(args, role)
         if path is not None:
-            eval_splits[role] = load_split(path, train.multilabel, args.pool, args.feature_slice)
+            eval_splits[role] = load_split(path, train.multilabel, args.pool, args.feature_slice,
+                                           stream=True)
             check_compatible(train, eval_splits[role])
     class_names = train.class_names
 
     x_fit, y_fit, context = train.x, train.y, ""
     if args.train_fraction < 1.0:
         rows = label_fraction_indices(train.y, train.multilabel, args.train_fraction, args.seed)
-        x_fit, y_fit = train.x[rows], train.y[rows]
+        x_fit, y_fit = train.x.select(rows).cached(), train.y[rows]
         context = f" (--train-fraction {args.train_fraction}, seed {args.seed}: {len(rows)} rows)"
     for message in check_training_labels(y_fit, train.multilabel, train.path, class_names, context):
         warn(message)
 
     print(f"[train] {train.path}  x {tuple(train.x.shape)}  y {tuple(train.y.shape)}  "
           f"task {train.task}  rows used {len(y_fit)}  probe {args.probe}")
-    model = build_probe(args.probe, multilabel=train.multilabel, scale=args.scale,
-                        seed=args.seed, n_jobs=args.n_jobs, k=args.k, max_iter=args.max_iter)
+    model = build_probe(args.probe, multilabel=train.multilabel, **probe_options(args))
     fit_probe(model, x_fit, y_fit)
 
-    metrics = {}
+    metrics, predictions = {}, {}
     for role, split in eval_splits.items():
-        metrics[role], _ = model.evaluate(split.x, split.y, class_names)
+        metrics[role], predictions[role] = model.evaluate(split.x, split.y, class_names)
         print(f"[{role}] {split.path}  x {tuple(split.x.shape)}  "
               f"{format_metrics(metrics[role], train.task)}")
 
@@ -117,18 +131,34 @@ def main(argv=None) -> int:
     run_id = unique_run_id(args.out, args.name)
     model_path = args.out / f"{args.name}_{run_id}.joblib"
     record_path = args.out / f"{args.name}_{run_id}.json"
+    val = eval_splits.get("val")
     record = {
+        # the published script's keys (a reader of its files finds them all) ...
         "run_id": run_id,
+        "train_npz": str(args.train),
+        "val_npz": str(args.val) if args.val else None,
+        "x_shape_train": [len(y_fit), train.x.shape[1]],
+        "y_shape_train": list(y_fit.shape),
+        "x_shape_val": list(val.x.shape) if val else None,
+        "y_shape_val": list(val.y.shape) if val else None,
+        "multilabel": train.multilabel,
+        "feature_slice": args.feature_slice,
+        "n_jobs": args.n_jobs,
+        "metrics": {**(published_split_metrics(val.y, predictions["val"], train.multilabel)
+                       if val else {}), **metrics},
+        "version": PUBLISHED_RECORD_VERSION,
+        "timestamp": run_id,
+        # ... and the project's
+
         "settings": {key: str(value) if isinstance(value, Path) else value
                      for key, value in vars(args).items()},
         "task": train.task,
-        "multilabel": train.multilabel,
         "class_names": class_names,
         "seed": args.seed,
         "n_train": int(len(y_fit)),
         "inputs": {"train": train.describe(),
                    **{role: split.describe() for role, split in eval_splits.items()}},
-        "metrics": metrics,
+        "fit": getattr(model, "fit_report", None),
         "model_path": str(model_path),
     }
     joblib_dump(model, model_path)

@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import json
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from classification_models.rows import DEFAULT_CACHE_BYTES, NpzRows
 from utils.errors import UserInputError
 
-FEATURE_KEYS = ("x_train", "x_val", "x", "X")
-LABEL_KEYS = ("y_train", "y_val", "y", "Y")
+FEATURE_KEYS = ("x_train", "x_val", "x_test", "x", "X")
+LABEL_KEYS = ("y_train", "y_val", "y_test", "y", "Y")
 PUBLISHED_NUM_TOKENS = 105  # 4 metadata tokens + CLS + 100 patch tokens; used when a file has no settings
 _FINITE_CHECK_ROWS = 4096  # rows per chunk, so the check does not double peak memory
 
@@ -84,7 +86,8 @@ class EmbeddingSplit:
 
 
 def load_split(path, multilabel: Optional[bool] = None, pool: bool = False,
-               feature_slice: Optional[str] = None) -> EmbeddingSplit:
+               feature_slice: Optional[str] = None, stream: bool = False,
+               cache_bytes: int = DEFAULT_CACHE_BYTES) -> EmbeddingSplit:
     """Load and validate one embedding file.
 
     multilabel: None infers the task from the labels (see the module docstring); True/False
@@ -92,6 +95,10 @@ def load_split(path, multilabel: Optional[bool] = None, pool: bool = False,
     pool: average the features over tokens, (N, T * E) -> (N, E); T and E come from the file's
         settings (``num_tokens``, ``embed_dim``), else T = 105 as in the published protocol.
     feature_slice: "a:b" column range taken after pooling (see :func:`slice_features`).
+    stream: ``x`` is a :class:`~classification_models.rows.RowSource` read from the file in
+        row blocks (stored dtype kept; pooling and slicing applied per block), held in memory
+        only when the (pooled, sliced) features fit ``cache_bytes``; else ``x`` is an (N, D)
+        float32 array.
     """
     path = Path(path)
     if not path.is_file():
@@ -104,36 +111,67 @@ def load_split(path, multilabel: Optional[bool] = None, pool: bool = False,
         raise UserInputError(f"{path}: expected an .npz archive, found a single array")
     with archive:
         keys = list(archive.keys())
-        x_key = next((k for k in FEATURE_KEYS if k in keys), None)
-        y_key = next((k for k in LABEL_KEYS if k in keys), None)
+        x_key = _find_key(keys, FEATURE_KEYS, "x_")
+        y_key = _find_key(keys, LABEL_KEYS, "y_")
         missing = [f"{what} (one of {', '.join(names)})"
                    for what, names, key in (("features", FEATURE_KEYS, x_key),
                                             ("labels", LABEL_KEYS, y_key)) if key is None]
         if missing:
             raise UserInputError(f"{path}: no {' and no '.join(missing)}; keys found: {keys}")
-        x = _read_array(archive, x_key, path)
         y = _read_array(archive, y_key, path)
         ids = _read_array(archive, "ids", path) if "ids" in keys else None
         settings = _read_settings(archive, path) if "settings" in keys else {}
 
-    stored_x_shape = tuple(x.shape)
-    x = _as_float_features(x, x_key, path)
-    if y.shape[:1] != x.shape[:1]:
-        raise UserInputError(f"{path}: '{x_key}' has {x.shape[0]} rows but '{y_key}' has "
+    rows = _feature_rows(path, x_key)
+    stored_x_shape = rows.member.shape
+    if y.shape[:1] != stored_x_shape[:1]:
+        raise UserInputError(f"{path}: '{x_key}' has {stored_x_shape[0]} rows but '{y_key}' has "
                              f"{y.shape[0] if y.ndim else 0}")
-    if ids is not None and ids.shape != (x.shape[0],):
-        raise UserInputError(f"{path}: 'ids' has shape {ids.shape}, expected ({x.shape[0]},)")
-    _check_finite(x, path)
+    if ids is not None and ids.shape != (stored_x_shape[0],):
+        raise UserInputError(f"{path}: 'ids' has shape {ids.shape}, expected ({stored_x_shape[0]},)")
     y, multilabel = coerce_labels(y, multilabel, path)
 
+    layout = None
     if pool:
-        x = pool_tokens(x, settings, path)
-    elif x.ndim == 3:
-        x = x.reshape(x.shape[0], -1)
+        layout = (stored_x_shape[1:] if len(stored_x_shape) == 3
+                  else token_layout(rows.shape[1], settings, path))
+    columns = None
     if feature_slice:
-        x = slice_features(x, feature_slice, path)
+        columns = resolve_columns(layout[1] if layout else rows.shape[1], feature_slice, path)
+    x = rows.view(pool_tokens=layout, columns=columns)
+    if stream:
+        x = x.cached(cache_bytes)
+        _check_finite_rows(x.stats().bad_rows, len(x), path)
+    else:
+        x = x.to_array().astype(np.float32, copy=False)
+        _check_finite(x, path)
     return EmbeddingSplit(path=path, x=x, y=y, multilabel=multilabel, ids=ids, settings=settings,
-                          x_key=x_key, y_key=y_key, stored_x_shape=stored_x_shape)
+                          x_key=x_key, y_key=y_key, stored_x_shape=tuple(stored_x_shape))
+
+
+def _find_key(keys: list, names: tuple, prefix: str) -> Optional[str]:
+    """The first of ``names`` present, else the only key starting with ``prefix`` (the
+    published notebooks' ``x_<split>`` / ``y_<split>``)."""
+    found = next((k for k in names if k in keys), None)
+    if found is None:
+        candidates = [k for k in keys if k.startswith(prefix)]
+        found = candidates[0] if len(candidates) == 1 else None
+    return found
+
+
+def _feature_rows(path: Path, key: str) -> NpzRows:
+    try:
+        rows = NpzRows(path, key)
+    except (ValueError, zipfile.BadZipFile, KeyError) as exc:
+        raise UserInputError(f"{path}: key '{key}' cannot be read as a numeric C-order array "
+                             f"without pickle ({exc})") from exc
+    shape, dtype = rows.member.shape, rows.member.dtype
+    if len(shape) not in (2, 3) or shape[0] == 0:
+        raise UserInputError(f"{path}: '{key}' must have shape (N, D) or (N, tokens, dim) with "
+                             f"N > 0, got {shape}")
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise UserInputError(f"{path}: '{key}' must be numeric, got dtype {dtype}")
+    return rows
 
 
 def _read_array(archive, key: str, path: Path) -> np.ndarray:
@@ -157,21 +195,16 @@ def _read_settings(archive, path: Path) -> dict:
     return settings
 
 
-def _as_float_features(x: np.ndarray, key: str, path: Path) -> np.ndarray:
-    if x.ndim not in (2, 3) or x.shape[0] == 0:
-        raise UserInputError(f"{path}: '{key}' must have shape (N, D) or (N, tokens, dim) with "
-                             f"N > 0, got {x.shape}")
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise UserInputError(f"{path}: '{key}' must be numeric, got dtype {x.dtype}")
-    return x.astype(np.float32, copy=False)
-
-
 def _check_finite(x: np.ndarray, path: Path) -> None:
     flat = x.reshape(x.shape[0], -1)
     bad_rows = sum(int((~np.isfinite(flat[i:i + _FINITE_CHECK_ROWS]).all(axis=1)).sum())
                    for i in range(0, flat.shape[0], _FINITE_CHECK_ROWS))
+    _check_finite_rows(bad_rows, flat.shape[0], path)
+
+
+def _check_finite_rows(bad_rows: int, n_rows: int, path: Path) -> None:
     if bad_rows:
-        raise UserInputError(f"{path}: {bad_rows} of {flat.shape[0]} rows have non-finite "
+        raise UserInputError(f"{path}: {bad_rows} of {n_rows} rows have non-finite "
                              "features (NaN or inf)")
 
 
@@ -208,19 +241,13 @@ def _as_class_indices(y: np.ndarray, path) -> np.ndarray:
     raise UserInputError(f"{path}: 1-D labels must be integer class indices, got dtype {y.dtype}")
 
 
-def pool_tokens(x: np.ndarray, settings: dict, path) -> np.ndarray:
-    """Mean over tokens: (N, T * E) or (N, T, E) -> (N, E) float32.
-
-    T and E come from ``settings`` (``num_tokens``, ``embed_dim``) when present, else T = 105
-    (the published default) and E = D / 105.
-    """
-    if x.ndim == 3:
-        return x.mean(axis=1, dtype=np.float32)
+def token_layout(dim: int, settings: dict, path) -> tuple[int, int]:
+    """(T, E) of (N, T * E) per-token features: T and E from ``settings`` (``num_tokens``,
+    ``embed_dim``) when present, else T = 105 (the published default) and E = D / 105."""
     pooling = settings.get("pooling", "all")
     if pooling != "all":
         raise UserInputError(f"{path}: --pool needs per-token embeddings (pooling 'all'), "
                              f"but this file was computed with pooling '{pooling}'")
-    n_rows, dim = x.shape
     num_tokens = int(settings.get("num_tokens", PUBLISHED_NUM_TOKENS))
     if num_tokens <= 0 or dim % num_tokens:
         raise UserInputError(f"{path}: --pool: feature dimension {dim} is not a multiple of "
@@ -229,7 +256,15 @@ def pool_tokens(x: np.ndarray, settings: dict, path) -> np.ndarray:
     if "embed_dim" in settings and int(settings["embed_dim"]) != embed_dim:
         raise UserInputError(f"{path}: --pool: feature dimension {dim} != num_tokens "
                              f"{num_tokens} x embed_dim {settings['embed_dim']}")
-    return x.reshape(n_rows, num_tokens, embed_dim).mean(axis=1, dtype=np.float32)
+    return num_tokens, embed_dim
+
+
+def pool_tokens(x: np.ndarray, settings: dict, path) -> np.ndarray:
+    """Mean over tokens: (N, T * E) or (N, T, E) -> (N, E) float32 (T, E: :func:`token_layout`)."""
+    if x.ndim == 3:
+        return x.mean(axis=1, dtype=np.float32)
+    num_tokens, embed_dim = token_layout(x.shape[1], settings, path)
+    return x.reshape(len(x), num_tokens, embed_dim).mean(axis=1, dtype=np.float32)
 
 
 def parse_feature_slice(spec: str) -> tuple[Optional[int], Optional[int]]:
@@ -244,11 +279,11 @@ def parse_feature_slice(spec: str) -> tuple[Optional[int], Optional[int]]:
                              "e.g. '576:720'") from None
 
 
-def slice_features(x: np.ndarray, spec: str, path) -> np.ndarray:
-    """Columns start:end of (N, D) features, Python slice semantics (negative counts from the
-    end), except that bounds outside [-D, D] or an empty range are errors, not clipped."""
+def resolve_columns(dim: int, spec: str, path) -> tuple[int, int]:
+    """The column range (start, stop) that ``spec`` 'start:end' selects of ``dim`` columns,
+    Python slice semantics (negative counts from the end), except that bounds outside [-D, D]
+    or an empty range are errors, not clipped."""
     start, end = parse_feature_slice(spec)
-    dim = x.shape[1]
     for bound in (start, end):
         if bound is not None and not -dim <= bound <= dim:
             raise UserInputError(f"bad --feature-slice '{spec}': {path} has {dim} features")
@@ -256,7 +291,13 @@ def slice_features(x: np.ndarray, spec: str, path) -> np.ndarray:
     if len(columns) == 0:
         raise UserInputError(f"bad --feature-slice '{spec}': selects no columns of the "
                              f"{dim} features in {path}")
-    return np.ascontiguousarray(x[:, columns.start:columns.stop])
+    return columns.start, columns.stop
+
+
+def slice_features(x: np.ndarray, spec: str, path) -> np.ndarray:
+    """Columns ``spec`` ('start:end', see :func:`resolve_columns`) of (N, D) features."""
+    start, stop = resolve_columns(x.shape[1], spec, path)
+    return np.ascontiguousarray(x[:, start:stop])
 
 
 def check_compatible(train: EmbeddingSplit, other: EmbeddingSplit) -> None:

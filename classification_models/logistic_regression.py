@@ -1,58 +1,156 @@
-"""Linear probe on frozen embeddings, as published: sklearn ``LogisticRegression`` with solver
-``sag``, ``max_iter=1000``, ``random_state=seed`` (L2 penalty, C=1), one-vs-rest for multilabel,
-optional ``StandardScaler``.
+"""Linear probe on frozen embeddings: the published model (L2-regularised logistic regression,
+C=1, one-vs-rest for multilabel, optional ``StandardScaler``) with a fast exact solver.
 
-``n_jobs`` (scikit-learn 1.9): ``LogisticRegression`` ignores ``n_jobs`` (deprecated since 1.8,
-no effect), so it is not passed there; it parallelises the per-label fits of
-``OneVsRestClassifier`` (multilabel) and has no effect on a multiclass fit, which sag solves as
-one multinomial problem on a single core.
+Solvers (``solver=``):
+
+- ``"lbfgs"`` (default): :mod:`classification_models.solver`, full-batch L-BFGS on all classes
+  at once in torch, over row blocks (the features can be a
+  :class:`~classification_models.rows.RowSource` streamed from disk), to a relative
+  gradient-norm tolerance ``tol``. Objective: exactly scikit-learn's, one-vs-rest per label
+  (multilabel), one binary problem (two classes), multinomial (three or more classes, as
+  scikit-learn 1.9's ``LogisticRegression`` fits them). ``fit_report`` holds iterations, data
+  passes, the final objective and gradient norm per class.
+- ``"sag"``: the published solver, scikit-learn ``LogisticRegression(solver="sag",
+  max_iter=max_iter, random_state=seed)``, for exact reproduction of old runs. scikit-learn 1.9
+  ignores ``LogisticRegression(n_jobs=...)`` (deprecated), so ``n_jobs`` only parallelises the
+  per-label fits of ``OneVsRestClassifier``.
+
+Either way ``model`` is a fitted scikit-learn estimator, ``OneVsRestClassifier`` of
+``LogisticRegression`` (multilabel; a constant label column gets scikit-learn's constant
+predictor) or ``LogisticRegression`` (multiclass), and ``scaler`` a fitted ``StandardScaler`` or
+None: the saved ``.joblib`` loads and predicts in the published code and notebooks.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Optional, Sequence
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.multiclass import OneVsRestClassifier
-from sklearn.preprocessing import StandardScaler
+from sklearn.multiclass import OneVsRestClassifier, _ConstantPredictor
+from sklearn.preprocessing import LabelBinarizer, StandardScaler
 
 from classification_models.base import Probe
+from classification_models.rows import ArrayRows, RowSource
+from classification_models.solver import DEFAULT_TOL, LogisticProblem, fit_lbfgs, torch_threads
+
+SOLVERS = ("lbfgs", "sag")
+
+
+def as_rows(x) -> RowSource:
+    return x if isinstance(x, RowSource) else ArrayRows(np.asarray(x))
+
+
+def safe_scale(var: np.ndarray) -> np.ndarray:
+    """Standard deviations with zero (constant columns) replaced by 1, as StandardScaler does."""
+    std = np.sqrt(var)
+    return np.where(std > 10 * np.finfo(np.float64).eps * max(1.0, float(std.max(initial=0))),
+                    std, 1.0)
 
 
 class LogisticRegressionModel(Probe):
-    """Logistic-regression probe with the published constructor and defaults.
+    """Logistic-regression probe with the published constructor, defaults and ``evaluate``.
 
-    Multiclass: y is (N,) class indices; ``predict_proba`` gives (N, K) softmax probabilities
-    over ``classes_`` (the K classes seen in training), ``predict`` the most probable class.
-    Multilabel: y is (N, C) 0/1; ``predict_proba`` gives (N, C) per-label probabilities and
-    ``predict`` thresholds them at > 0.5 (the same as a positive decision function).
+    Multiclass: y is (N,) class indices; ``predict_proba`` gives (N, K) probabilities over
+    ``classes_``, ``predict`` the most probable class. Multilabel: y is (N, C) 0/1;
+    ``predict_proba`` gives (N, C) per-label probabilities, ``predict`` thresholds them at > 0.5.
+    ``x`` may be an (N, D) array (float16 is kept) or a RowSource.
     """
 
     def __init__(self, scale=False, max_iter=1000, seed=0, multilabel=False, n_jobs=None,
-                 verbose=False):
+                 verbose=False, solver="lbfgs", C=1.0, tol=DEFAULT_TOL, device="cpu",
+                 block_rows=None):
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
         self.scale = scale
         self.max_iter = max_iter
         self.seed = seed
         self.multilabel = multilabel
         self.n_jobs = n_jobs
         self.verbose = verbose
+        self.solver = solver
+        self.C = C
+        self.tol = tol
+        self.device = device
+        self.block_rows = block_rows
         self.scaler: Optional[StandardScaler] = None
         self.model = None
+        self.fit_report: Optional[dict] = None
 
-    def fit(self, x_train: np.ndarray, y_train: np.ndarray) -> "LogisticRegressionModel":
-        """x_train: (N, D) features; y_train: (N,) class indices or (N, C) 0/1."""
+    # ------------------------------------------------------------------ fit
+
+    def fit(self, x_train, y_train) -> "LogisticRegressionModel":
+        """x_train: (N, D) features (array or RowSource); y_train: (N,) class indices or (N, C) 0/1."""
+        y_train = np.asarray(y_train)
+        if self.solver == "sag":
+            return self._fit_sag(as_rows(x_train).to_array(), y_train)
+        source = as_rows(x_train)
+        stats = source.stats()
+        std = safe_scale(stats.var)
+        if self.scale:
+            self.scaler = _fitted_scaler(stats, std)
+            feature_mean, feature_scale = stats.mean, std
+            precond_mean, precond_std = None, None  # x' is standardised already
+        else:
+            self.scaler = None
+            feature_mean = feature_scale = None
+            precond_mean, precond_std = stats.mean, std
+        dim = source.shape[1]
+        problem_args = dict(C=self.C, feature_mean=feature_mean, feature_scale=feature_scale,
+                            precond_mean=precond_mean, precond_std=precond_std,
+                            device=self.device, block_rows=self.block_rows)
+
+        if self.multilabel:
+            y_train = y_train.astype(np.uint8)
+            positives = y_train.sum(axis=0)
+            fitted = np.flatnonzero((positives > 0) & (positives < len(y_train)))
+            coef, report = self._solve(LogisticProblem(
+                source, y_train[:, fitted], len(fitted), False, **problem_args))
+            self.model = _one_vs_rest(self._base_estimator(), y_train, fitted, coef, dim,
+                                      report["iterations"])
+        else:
+            classes, y_index = np.unique(y_train, return_inverse=True)
+            if len(classes) == 2:
+                problem = LogisticProblem(source, (y_index == 1)[:, None], 1, False, **problem_args)
+            else:
+                problem = LogisticProblem(source, y_index, len(classes), True, **problem_args)
+            coef, report = self._solve(problem)
+            self.model = _fitted_logistic(self._base_estimator(), classes, coef,
+                                          report["iterations"])
+        return self
+
+    def _solve(self, problem: LogisticProblem) -> tuple[np.ndarray, dict]:
+        with torch_threads(self.n_jobs):
+            coef, report = fit_lbfgs(problem, tol=self.tol, max_iter=self.max_iter,
+                                     verbose=bool(self.verbose))
+        self.fit_report = report.as_dict()
+        for status in report.status:
+            if status != "converged":
+                warnings.warn(f"lbfgs stopped ({status}) before the gradient tolerance "
+                              f"{self.tol}", ConvergenceWarning)
+        return coef, self.fit_report
+
+    def _base_estimator(self) -> LogisticRegression:
+        return LogisticRegression(C=self.C, tol=self.tol, max_iter=self.max_iter,
+                                  random_state=self.seed)
+
+    def _fit_sag(self, x_train: np.ndarray, y_train: np.ndarray) -> "LogisticRegressionModel":
         if self.scale:
             self.scaler = StandardScaler()
             x_train = self.scaler.fit_transform(x_train)
-        base_model = LogisticRegression(solver="sag", max_iter=self.max_iter,
+        base_model = LogisticRegression(solver="sag", C=self.C, max_iter=self.max_iter,
                                         random_state=self.seed, verbose=int(bool(self.verbose)))
         if self.multilabel:
             self.model = OneVsRestClassifier(base_model, n_jobs=self.n_jobs)
         else:
             self.model = base_model
         self.model.fit(x_train, y_train)
+        self.fit_report = {"solver": "sag"}
         return self
+
+    # -------------------------------------------------------------- predict
 
     @property
     def classes_(self) -> np.ndarray:
@@ -61,6 +159,57 @@ class LogisticRegressionModel(Probe):
     def _transform(self, x: np.ndarray) -> np.ndarray:
         return self.scaler.transform(x) if self.scaler is not None else x
 
-    def predict_proba(self, x: np.ndarray) -> np.ndarray:
-        """(N, D) -> (N, K) class probabilities (multiclass) or (N, C) label probabilities."""
-        return self.model.predict_proba(self._transform(x))
+    def predict_proba(self, x) -> np.ndarray:
+        """(N, D) -> (N, K) class probabilities (multiclass) or (N, C) label probabilities;
+        a RowSource is scored block by block."""
+        if not isinstance(x, RowSource):
+            return self.model.predict_proba(self._transform(x))
+        return np.concatenate([self.model.predict_proba(self._transform(block))
+                               for _, block in x.raw_blocks()])
+
+    def evaluate(self, x_test, y_test, class_names: Optional[Sequence[str]] = None):
+        """(metrics, y_pred), as published: ``model.evaluate(x_test, y_test)``. The metrics hold
+        the published names (``overall_accuracy``, ``overall_map``, ...) and the project's
+        (classification_models/metrics.py)."""
+        return super().evaluate(x_test, y_test, class_names)
+
+
+def _fitted_scaler(stats, std: np.ndarray) -> StandardScaler:
+    scaler = StandardScaler()
+    scaler.mean_, scaler.var_, scaler.scale_ = stats.mean, stats.var, std
+    scaler.n_samples_seen_ = np.int64(stats.n_rows)
+    scaler.n_features_in_ = len(stats.mean)
+    return scaler
+
+
+def _fitted_logistic(template: LogisticRegression, classes: np.ndarray, coef: np.ndarray,
+                     iterations: int) -> LogisticRegression:
+    """A LogisticRegression carrying ``coef`` ((D+1, k), intercepts in the last row)."""
+    model = LogisticRegression(**template.get_params())
+    model.coef_ = np.ascontiguousarray(coef[:-1].T)
+    model.intercept_ = coef[-1].copy()
+    model.classes_ = classes
+    model.n_features_in_ = coef.shape[0] - 1
+    model.n_iter_ = np.array([iterations], dtype=np.int32)
+    return model
+
+
+def _one_vs_rest(template: LogisticRegression, y_train: np.ndarray, fitted: np.ndarray,
+                 coef: np.ndarray, dim: int, iterations: int) -> OneVsRestClassifier:
+    """A fitted OneVsRestClassifier: the solver's column j for label fitted[j], scikit-learn's
+    constant predictor for a label that is constant in training."""
+    model = OneVsRestClassifier(template)
+    model.label_binarizer_ = LabelBinarizer(sparse_output=True).fit(y_train)
+    model.classes_ = model.label_binarizer_.classes_
+    column_of = {int(label): j for j, label in enumerate(fitted)}
+    binary = np.array([0, 1])
+    estimators = []
+    for label in range(y_train.shape[1]):
+        if label in column_of:
+            j = column_of[label]
+            estimators.append(_fitted_logistic(template, binary, coef[:, j:j + 1], iterations))
+        else:
+            estimators.append(_ConstantPredictor().fit(np.zeros((1, dim)), y_train[:1, label]))
+    model.estimators_ = estimators
+    model.n_features_in_ = dim
+    return model

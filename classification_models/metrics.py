@@ -20,13 +20,16 @@ scores (predict_proba):
 
 Class names come from the embedding settings when known, else the class index as a string.
 
-The published ``LogisticRegressionModel.evaluate`` used other names; they map to these as:
-    overall_accuracy -> overall_accuracy    overall_precision -> precision_micro
-    average_precision -> precision_macro (macro *precision*, not AP)
-    overall_recall -> recall_micro          average_recall -> recall_macro
-    overall_f1 -> f1_micro                  average_f1 -> f1_macro
-    overall_map -> map_micro                average_map -> map_macro
-and the published script's JSON held accuracy, f1_macro, f1_micro and a classification report.
+Both also hold the published ``LogisticRegressionModel.evaluate`` names (the same numbers), so
+the published notebooks read them (``PUBLISHED_NAMES``):
+    overall_accuracy (subset accuracy for multilabel)
+    overall_precision = precision_micro     average_precision = precision_macro (macro
+    overall_recall = recall_micro           *precision*, not AP)
+    overall_f1 = f1_micro                   average_recall = recall_macro
+    overall_map = map_micro (multilabel)    average_f1 = f1_macro
+                                            average_map = map_macro (multilabel)
+The published script's JSON held, for the validation split, f1_micro, f1_macro, accuracy
+(multiclass) and a classification report (``published_split_metrics``).
 """
 
 from __future__ import annotations
@@ -35,10 +38,15 @@ import warnings
 from typing import Optional, Sequence
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, average_precision_score, f1_score,
-                             precision_recall_fscore_support, precision_score, recall_score)
+from sklearn.metrics import (accuracy_score, average_precision_score, classification_report,
+                             f1_score, precision_recall_fscore_support, precision_score,
+                             recall_score)
 
 HEADLINE_METRIC = {"multiclass": "overall_accuracy", "multilabel": "map_micro"}
+PUBLISHED_NAMES = {"overall_precision": "precision_micro", "average_precision": "precision_macro",
+                   "overall_recall": "recall_micro", "average_recall": "recall_macro",
+                   "overall_f1": "f1_micro", "average_f1": "f1_macro",
+                   "overall_map": "map_micro", "average_map": "map_macro"}
 
 
 def class_name(index: int, class_names: Optional[Sequence[str]]) -> str:
@@ -80,9 +88,15 @@ def multilabel_metrics(y_true: np.ndarray, y_pred: np.ndarray, y_score: np.ndarr
             "map_macro": float(average_precision_score(y_true, y_score, average="macro")),
         }
         per_class_ap = average_precision_score(y_true, y_score, average=None)
+    for average in ("macro", "micro"):
+        metrics[f"precision_{average}"] = float(
+            precision_score(y_true, y_pred, average=average, zero_division=0))
+        metrics[f"recall_{average}"] = float(
+            recall_score(y_true, y_pred, average=average, zero_division=0))
     metrics["f1_micro"] = float(f1_score(y_true, y_pred, average="micro", zero_division=0))
     metrics["f1_macro"] = float(f1_score(y_true, y_pred, average="macro", zero_division=0))
     metrics["subset_accuracy"] = float(accuracy_score(y_true, y_pred))
+    metrics["overall_accuracy"] = metrics["subset_accuracy"]
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, average=None, zero_division=0)
     metrics["per_class"] = {
@@ -97,11 +111,30 @@ def multilabel_metrics(y_true: np.ndarray, y_pred: np.ndarray, y_score: np.ndarr
 
 def probe_metrics(y_true: np.ndarray, y_pred: np.ndarray, y_score: np.ndarray, multilabel: bool,
                   class_names: Optional[Sequence[str]] = None) -> dict:
-    if multilabel:
-        return multilabel_metrics(y_true, y_pred, y_score, class_names)
-    return multiclass_metrics(y_true, y_pred, class_names)
+    metrics = (multilabel_metrics(y_true, y_pred, y_score, class_names) if multilabel
+               else multiclass_metrics(y_true, y_pred, class_names))
+    return with_published_names(metrics)
+
+
+def with_published_names(metrics: dict) -> dict:
+    """``metrics`` plus the published names of the same numbers (see the module docstring)."""
+    published = {name: metrics[ours] for name, ours in PUBLISHED_NAMES.items() if ours in metrics}
+    return {**metrics, **published}
+
+
+def published_split_metrics(y_true: np.ndarray, y_pred: np.ndarray, multilabel: bool) -> dict:
+    """The published script's record of a split: f1_micro, f1_macro, accuracy (multiclass) and
+    sklearn's classification_report as a dict."""
+    metrics = {"f1_micro": float(f1_score(y_true, y_pred, average="micro", zero_division=0)),
+               "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0))}
+    if not multilabel:
+        metrics["accuracy"] = float(accuracy_score(y_true, y_pred))
+    metrics["report"] = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
+    return metrics
 
 
 def scalar_metrics(metrics: dict) -> dict:
-    """The single-number entries of a metrics dict (drops per_class), e.g. for a CSV row."""
-    return {key: value for key, value in metrics.items() if not isinstance(value, dict)}
+    """The single-number entries of a metrics dict (drops per_class and the published aliases),
+    e.g. for a CSV row."""
+    return {key: value for key, value in metrics.items()
+            if not isinstance(value, dict) and key not in PUBLISHED_NAMES}

@@ -11,8 +11,9 @@ import numpy as np
 from joblib import parallel_backend
 from sklearn.exceptions import ConvergenceWarning
 
-from classification_models.knn import KNNModel
-from classification_models.logistic_regression import LogisticRegressionModel
+from classification_models.knn import KNN_METRICS, KNNModel
+from classification_models.logistic_regression import SOLVERS, LogisticRegressionModel
+from classification_models.solver import DEFAULT_TOL
 from utils.errors import UserInputError
 
 PROBES = ("logreg", "knn")
@@ -44,22 +45,44 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe", choices=PROBES, default="logreg",
                         help="logistic regression (published) or kNN (default: logreg)")
     parser.add_argument("--k", type=int, default=5, help="neighbours for --probe knn (default 5)")
+    parser.add_argument("--knn-metric", choices=KNN_METRICS, default="euclidean",
+                        help="kNN distance (default euclidean, as Landsat-Bench)")
+    parser.add_argument("--solver", choices=SOLVERS, default="lbfgs",
+                        help="logreg solver: lbfgs (fast, exact optimum, streamed) or sag "
+                             "(the published solver, in memory) (default lbfgs)")
+    parser.add_argument("--C", type=float, default=1.0,
+                        help="inverse L2 regularisation strength of logreg (default 1)")
+    parser.add_argument("--tol", type=float, default=DEFAULT_TOL,
+                        help="lbfgs: stop when the gradient norm is this fraction of its value "
+                             f"at zero (default {DEFAULT_TOL:g})")
+    parser.add_argument("--device", default="cpu",
+                        help="lbfgs: torch device of the data passes, cpu or cuda (default cpu)")
     parser.add_argument("--max-iter", type=int, default=1000,
-                        help="sag iterations for --probe logreg (default 1000)")
+                        help="logreg iterations: sag epochs or lbfgs iterations (default 1000)")
     parser.add_argument("--n-jobs", type=int, default=4,
-                        help="parallel jobs: per-label fits (multilabel logreg) and kNN search; "
-                             "no effect on multiclass logreg (default 4)")
+                        help="parallel jobs: lbfgs threads, per-label sag fits (multilabel) "
+                             "and kNN threads; -1: all cores (default 4)")
+
+
+def probe_options(args) -> dict:
+    """build_probe's keyword arguments from the parsed options (not the task)."""
+    return dict(scale=args.scale, seed=args.seed, n_jobs=args.n_jobs, k=args.k,
+                max_iter=args.max_iter, solver=args.solver, C=args.C, tol=args.tol,
+                device=args.device, knn_metric=args.knn_metric)
 
 
 def build_probe(probe: str, *, multilabel: bool, scale: bool = False, seed: int = 0,
-                n_jobs=None, k: int = 5, max_iter: int = 1000):
+                n_jobs=None, k: int = 5, max_iter: int = 1000, solver: str = "lbfgs",
+                C: float = 1.0, tol: float = DEFAULT_TOL, device: str = "cpu",
+                knn_metric: str = "euclidean"):
     if k < 1 or max_iter < 1:
         raise UserInputError(f"--k and --max-iter must be at least 1, got {k} and {max_iter}")
     if probe == "logreg":
         return LogisticRegressionModel(scale=scale, max_iter=max_iter, seed=seed,
-                                       multilabel=multilabel, n_jobs=n_jobs)
+                                       multilabel=multilabel, n_jobs=n_jobs, solver=solver, C=C,
+                                       tol=tol, device=device)
     if probe == "knn":
-        return KNNModel(k=k, scale=scale, multilabel=multilabel, n_jobs=n_jobs)
+        return KNNModel(k=k, scale=scale, multilabel=multilabel, n_jobs=n_jobs, metric=knn_metric)
     raise ValueError(f"unknown probe {probe!r}; choose from {PROBES}")
 
 

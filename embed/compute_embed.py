@@ -10,6 +10,12 @@ multi-hot rows; ``ids`` (N,) str (patch ids or file names); ``settings`` (a 0-d 
 holding JSON: pooling, normed, use_metadata, num_tokens, embed_dim, dtype, class names, ...).
 The probes (``train_logistic_regression.py``) read this format.
 
+``keys="published"`` writes the keys of the published notebooks instead, so that their
+evaluation and t-SNE notebooks read the file unchanged: ``x_<split>`` (N, D) and ``y_<split>``
+int16 (one-hot rows for a multiclass dataset, multi-hot for multilabel), next to ``ids`` and
+``settings``; the probes read both layouts. Members are stored uncompressed, so the probes
+read the features in row blocks at their byte offset (classification_models/rows.py).
+
 Under ``torchrun`` every process embeds a contiguous shard of the dataset and process 0
 merges the shards in dataset order (the output folder must be visible to all processes).
 
@@ -39,6 +45,27 @@ from utils.files import current_umask
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype
+
+KEY_STYLES = ("ours", "published")
+
+
+def output_keys(keys: str, split: Optional[str]) -> Tuple[str, str]:
+    """(feature key, label key) of an embedding file: ``x``, ``y`` or ``x_<split>``, ``y_<split>``."""
+    if keys not in KEY_STYLES:
+        raise UserInputError(f"unknown embedding keys {keys!r}; choose ours or published")
+    if keys == "ours":
+        return "x", "y"
+    if not split:
+        raise UserInputError("published embedding keys (x_<split>, y_<split>) need the split name")
+    return f"x_{split}", f"y_{split}"
+
+
+def published_labels(y: np.ndarray, n_classes: Optional[int]) -> np.ndarray:
+    """Labels as the published notebooks stored them: int16, class indices as one-hot rows."""
+    if y.ndim == 1:
+        width = n_classes if n_classes else int(y.max()) + 1
+        y = np.eye(width, dtype=np.int16)[y]
+    return y.astype(np.int16)
 
 
 class _RowFile:
@@ -95,13 +122,15 @@ def compute_embeddings(encoder: MOEEncoder, dataset: Dataset, output: Optional[U
                        *, pooling: str = "all", normed: bool = False, use_metadata: bool = True,
                        dtype: str = "float32", batch_size: int = 256, num_workers: int = 0,
                        device: Union[str, torch.device] = "cpu", settings: Optional[dict] = None,
-                       progress: bool = True, precision: str = "fp32", compile: bool = False):
+                       progress: bool = True, precision: str = "fp32", compile: bool = False,
+                       keys: str = "ours", split: Optional[str] = None):
     """Embed every sample of ``dataset`` (items ``(img, target[, week, hour, lat, lon])``).
 
     pooling, normed: see :meth:`MOEEncoder.embed`. use_metadata=False feeds zeros instead of
     the dataset's metadata (ablation). dtype: float32 or float16 rows. ``output``: the .npz
     path (written atomically), or None to return a dict of the arrays instead (for
-    notebooks; then everything is held in memory). With an output, returns
+    notebooks; then everything is held in memory). keys, split: the key names (see the module
+    docstring; ``split`` names the published keys). With an output, returns
     ``np.load(output)`` (arrays read lazily, on access) on process 0 and None on the others.
     precision: the encoder runs in fp32, or under bf16/fp16 autocast (rows are stored as
     ``dtype`` either way). compile: ``torch.compile`` the encoder's embedding function.
@@ -112,6 +141,7 @@ def compute_embeddings(encoder: MOEEncoder, dataset: Dataset, output: Optional[U
         raise UserInputError(f"unknown dtype {dtype!r}; choose float32 or float16")
     if precision not in PRECISIONS:
         raise UserInputError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")
+    key_names = output_keys(keys, split)
     distributed = torch_dist.is_available() and torch_dist.is_initialized()
     rank, world_size = (torch_dist.get_rank(), torch_dist.get_world_size()) if distributed \
         else (0, 1)
@@ -140,7 +170,8 @@ def compute_embeddings(encoder: MOEEncoder, dataset: Dataset, output: Optional[U
                                      ids, done).astype(DTYPES[dtype]))
             done += len(rows[-1])
             labels.append(_labels(targets))
-        return {"x": np.concatenate(rows), "y": np.concatenate(labels),
+        y = _stored_labels(np.concatenate(labels), keys, settings)
+        return {key_names[0]: np.concatenate(rows), key_names[1]: y,
                 "ids": np.array(dataset_ids(dataset)), "settings": np.array(json.dumps(settings))}
 
     output = Path(output)
@@ -164,7 +195,7 @@ def compute_embeddings(encoder: MOEEncoder, dataset: Dataset, output: Optional[U
             torch_dist.barrier()
         if rank == 0:
             _merge_parts(parts, world_size, len(dataset), DTYPES[dtype], row_shape, output,
-                         np.array(dataset_ids(dataset)), settings)
+                         np.array(dataset_ids(dataset)), settings, keys, key_names)
     finally:
         x_file.file.close()
         if rank == 0:
@@ -216,8 +247,16 @@ def _embed_batch(embed, imgs, meta, pooling, normed, use_metadata, device) -> np
     return embeddings.float().cpu().numpy()
 
 
+def _stored_labels(y: np.ndarray, keys: str, settings: dict) -> np.ndarray:
+    if keys == "published":
+        names = settings.get("class_names")
+        return published_labels(y, len(names) if names else None)
+    return y
+
+
 def _merge_parts(parts: Path, world_size: int, rows: int, dtype, row_shape, output: Path,
-                 ids: np.ndarray, settings: dict) -> None:
+                 ids: np.ndarray, settings: dict, keys: str = "ours",
+                 key_names: Tuple[str, str] = ("x", "y")) -> None:
     """Concatenate the shards' rows (streamed) and labels into the final .npz, atomically."""
     merged_x = parts / "x.npy"
     if world_size == 1:
@@ -233,14 +272,15 @@ def _merge_parts(parts: Path, world_size: int, rows: int, dtype, row_shape, outp
                     np.lib.format.read_array_header_1_0(part)
                     while chunk := part.read(1 << 24):
                         out.write(chunk)
-    y = np.concatenate([np.load(parts / f"y.{rank}.npy") for rank in range(world_size)])
+    y = _stored_labels(np.concatenate([np.load(parts / f"y.{rank}.npy")
+                                       for rank in range(world_size)]), keys, settings)
     fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
     os.fchmod(fd, 0o666 & ~current_umask())  # what open() gives, not mkstemp's private 0o600
     os.close(fd)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as npz:
-            npz.write(merged_x, arcname="x.npy")  # streamed in chunks, not loaded
-            arrays = (("y", y), ("ids", ids), ("settings", np.array(json.dumps(settings))))
+            npz.write(merged_x, arcname=f"{key_names[0]}.npy")  # streamed in chunks, not loaded
+            arrays = ((key_names[1], y), ("ids", ids), ("settings", np.array(json.dumps(settings))))
             for name, array in arrays:
                 with npz.open(f"{name}.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)

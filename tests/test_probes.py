@@ -207,16 +207,18 @@ def test_task_inference(tmp_path):
 
 # ---------- kNN ----------
 
-def test_knn_matches_sklearn_cosine_majority_vote_and_beats_chance():
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_knn_equals_sklearn_brute_force_and_beats_chance(metric):
     x, y = multiclass_data(300, 0)
     x_test, y_test = multiclass_data(150, 1)
-    model = KNNModel(k=5).fit(x, y)
+    model = KNNModel(k=5, metric=metric).fit(x, y)
     scores = model.predict_proba(x_test)
     assert scores.shape == (150, 4)
     np.testing.assert_allclose(scores.sum(axis=1), 1.0)
-    reference = KNeighborsClassifier(n_neighbors=5, metric="cosine", algorithm="brute").fit(x, y)
-    agreement = np.mean(model.predict(x_test) == reference.predict(x_test))
-    assert agreement > 0.98  # only exact distance ties may order neighbours differently
+    reference = KNeighborsClassifier(n_neighbors=5, metric=metric, algorithm="brute").fit(x, y)
+    np.testing.assert_array_equal(model.kneighbors(x_test),
+                                  reference.kneighbors(x_test, return_distance=False))
+    np.testing.assert_array_equal(model.predict(x_test), reference.predict(x_test))
     metrics, y_pred = model.evaluate(x_test, y_test, CLASS_NAMES)
     assert metrics["overall_accuracy"] == pytest.approx(accuracy_score(y_test, y_pred))
     assert metrics["overall_accuracy"] > 0.5  # chance is 0.25
