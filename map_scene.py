@@ -49,7 +49,7 @@ from embed.compute_embed import DTYPES
 from embed.scene_mapping import (MAPPED, NORMALIZATIONS, SKIPPED_FILL, SKIPPED_QA, ChipGrid,
                                  ChipSettings, map_rows, shard_rows)
 from models.moe_mae import MODEL_SIZES, build_mae
-from utils.checkpoint import apply_weights, load_checkpoint
+from utils.checkpoint import apply_weights, load_checkpoint, resolve_legacy_hour
 from utils.config import (Field, config_arguments, dump_config, fraction, load_config,
                           model_fields, positive, unit_interval_open)
 from utils.data_utils import rgb_bands, save_figure, stretch, stretch_limits
@@ -205,17 +205,6 @@ def _same(key: str, value, trained) -> bool:
     if key == "checkpoint_path":
         return Path(trained).is_file() and os.path.samefile(value, trained)
     return value == trained
-
-
-def resolve_legacy_hour(configured: Optional[bool], checkpoint: dict, source: str) -> bool:
-    """The hour encoding to use: the configured one, else the checkpoint's ``legacy_hour``
-    key, else True (the published checkpoints have no key and the published encoding)."""
-    if configured is not None:
-        return configured
-    value = checkpoint.get("legacy_hour", True)
-    if not isinstance(value, bool):
-        raise UserInputError(f"{source}: 'legacy_hour' must be true or false, got {value!r}")
-    return value
 
 
 def acquisition_time(scene, configured: Optional[str], needed: bool) -> Optional[datetime]:

@@ -54,7 +54,7 @@ SPLITS = {{"train": "sample_dataset/bigearthnet-train.csv",
 OUTPUT_DIR = {str(tmp_path)!r}
 POOLING = "all"
 NORMED = False
-LEGACY_HOUR = False
+LEGACY_HOUR = None
 BATCH_SIZE = 64
 """)
     assert "train: x (168, 11340)" in outputs_text(embed)

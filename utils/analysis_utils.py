@@ -697,7 +697,7 @@ import io  # noqa: E402  (this section's own imports)
 from matplotlib.cm import ScalarMappable  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 
-from models.moe_mae import load_balancing_loss  # noqa: E402
+from models.moe_mae import NoisyTopKGate, load_balancing_loss  # noqa: E402
 
 _BEN_MEAN = list(BigEarthNetInfo.STATISTICS["mean"])
 _BEN_STD = list(BigEarthNetInfo.STATISTICS["std"])
@@ -910,7 +910,7 @@ def get_expert_contributions_for_layer(moe_layer: MoELayer, x_tokens: torch.Tens
     with torch.no_grad():
         B, L, dim = x_tokens.shape
         flat = x_tokens.reshape(-1, dim)
-        gates = moe_layer.gate(flat).dense_gates()
+        gates = moe_layer.gate(flat).gates
         contributions = (gates.unsqueeze(-1) * expert_outputs(moe_layer, flat)).norm(dim=-1)
     return contributions.view(B, L, moe_layer.num_experts)
 
@@ -989,7 +989,7 @@ def compute_ablation_heatmaps(layer_moe: MoELayer, x_tokens: torch.Tensor, patch
     with torch.no_grad():
         B, L, dim = x_tokens.shape
         flat = x_tokens.reshape(-1, dim)
-        gates = layer_moe.gate(flat).dense_gates()
+        gates = layer_moe.gate(flat).gates
         outputs = expert_outputs(layer_moe, flat)
 
         def measured(layer_gates: torch.Tensor) -> torch.Tensor:
