@@ -132,7 +132,10 @@ def test_streaming_memory_does_not_grow_with_the_dataset(tmp_path):
     small, large = peak_rss(200), peak_rss(4000)
     output_size = (tmp_path / "4000.npz").stat().st_size
     assert np.load(tmp_path / "4000.npz")["x"].shape == (4000, 105 * 108)
-    assert large - small < output_size / 2, (small, large, output_size)
+    # Holding the rows would add at least the output's size (181 MB; np.concatenate twice that).
+    # Peaks of identical runs differ by tens of MB (measured: 200 rows 399 MB, 2,000 rows 390 MB,
+    # 4,000 rows 488 to 524 MB), so the bound is three quarters of the output, not a half.
+    assert large - small < 0.75 * output_size, (small, large, output_size)
 
 
 def write_config(tmp_path, checkpoint, dataset="bigearthnet", **embed):
