@@ -188,23 +188,24 @@ class NpzRows(RowSource):
             _read_npy_header(member)
             for start in range(0, n_rows, step):
                 rows = min(step, n_rows - start)
-                view = memoryview(buffer[:rows]).cast("B")
-                done = 0
-                while done < len(view):
-                    got = member.readinto(view[done:])
-                    if not got:
-                        raise ValueError(f"{self.path}: '{self.key}' is truncated")
-                    done += got
+                _fill(member, memoryview(buffer[:rows]).cast("B"),
+                      f"{self.path}: '{self.key}' is truncated")
                 yield start, buffer[:rows]
 
 
 def _read_exactly(f, offset: int, view: memoryview, path) -> None:
     f.seek(offset)
+    _fill(f, view, f"{path}: the file ends before the data of its array")
+
+
+def _fill(f, view: memoryview, truncated: str) -> None:
+    """Read into all of ``view`` (readinto may return fewer bytes); ``truncated`` if the
+    stream ends first."""
     done = 0
     while done < len(view):
         got = f.readinto(view[done:])
         if not got:
-            raise ValueError(f"{path}: the file ends before the data of its array")
+            raise ValueError(truncated)
         done += got
 
 
