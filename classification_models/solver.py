@@ -117,21 +117,17 @@ class LogisticProblem:
 
     # change of variables: theta = (u; c) -> model (w; b) on x' -> raw (w; b) on x
     def to_model(self, theta: torch.Tensor) -> torch.Tensor:
-        w = theta[:-1] / self.precond_std[:, None]
-        return torch.cat([w, theta[-1:] - self.precond_mean @ w], dim=0)
+        return _unstandardise(theta, self.precond_mean, self.precond_std)
 
     def model_grad_to_theta(self, grad: torch.Tensor) -> torch.Tensor:
         """Transpose of :meth:`to_model`: a gradient in (w; b) -> a gradient in (u; c)."""
-        gu = (grad[:-1] - self.precond_mean[:, None] * grad[-1:]) / self.precond_std[:, None]
-        return torch.cat([gu, grad[-1:]], dim=0)
+        return _unstandardise_transposed(grad, self.precond_mean, self.precond_std)
 
     def model_to_raw(self, model: torch.Tensor) -> torch.Tensor:
-        w = model[:-1] / self.feature_scale[:, None]
-        return torch.cat([w, model[-1:] - self.feature_mean @ w], dim=0)
+        return _unstandardise(model, self.feature_mean, self.feature_scale)
 
     def raw_grad_to_model(self, grad: torch.Tensor) -> torch.Tensor:
-        gw = (grad[:-1] - self.feature_mean[:, None] * grad[-1:]) / self.feature_scale[:, None]
-        return torch.cat([gw, grad[-1:]], dim=0)
+        return _unstandardise_transposed(grad, self.feature_mean, self.feature_scale)
 
     def evaluate(self, theta: torch.Tensor, columns: Optional[torch.Tensor] = None):
         """Objective and gradients at ``theta`` ((D+1, K) float64) for ``columns`` (indices;
@@ -328,3 +324,16 @@ def _two_loop(g, history, gsum, spread, g_norm, n_cols):
         beta = rho * gsum(y * r)
         r += spread(alpha - beta, n_cols) * s
     return r
+
+
+def _unstandardise(coef: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(w; b) ((D+1, K)) acting on (x - mean) / scale -> the same model acting on x."""
+    w = coef[:-1] / scale[:, None]
+    return torch.cat([w, coef[-1:] - mean @ w], dim=0)
+
+
+def _unstandardise_transposed(grad: torch.Tensor, mean: torch.Tensor,
+                              scale: torch.Tensor) -> torch.Tensor:
+    """Transpose of :func:`_unstandardise`: a gradient in the x model -> in the standardised one."""
+    gw = (grad[:-1] - mean[:, None] * grad[-1:]) / scale[:, None]
+    return torch.cat([gw, grad[-1:]], dim=0)
