@@ -48,9 +48,18 @@ class RowSource:
         return self.shape[0]
 
     def blocks(self, block_rows: Optional[int] = None) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(start, (B, D) float32 tensor)`` in row order, covering every row once."""
+        """Yield ``(start, (B, D) float32 tensor)`` in row order, covering every row once.
+
+        The tensor is one buffer, refilled for every block: the caller may change it in place
+        but must copy it to keep it. (A fresh tens-of-MB tensor per block fragments the C heap:
+        peak memory then grows with the number of blocks, i.e. with the rows.)"""
+        buffer = None
         for start, block in self.raw_blocks(block_rows):
-            yield start, torch.from_numpy(block).float()
+            if buffer is None or buffer.shape[0] < len(block):
+                buffer = torch.empty(block.shape, dtype=torch.float32)
+            out = buffer[:len(block)]
+            out.copy_(torch.from_numpy(block))
+            yield start, out
 
     def raw_blocks(self, block_rows: Optional[int] = None) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, (B, D) array of the stored dtype)``; the array may be reused by the
@@ -283,7 +292,7 @@ def column_stats(source: RowSource, block_rows: Optional[int] = None) -> ColumnS
             continue
         n = len(block)
         block_mean = block.sum(dim=0, dtype=torch.float64) / n
-        block_m2 = ((block - block_mean.float()) ** 2).sum(dim=0, dtype=torch.float64)
+        block_m2 = block.sub_(block_mean.float()).square_().sum(dim=0, dtype=torch.float64)
         delta = block_mean - mean
         total = count + n
         mean = mean + delta * (n / total)
