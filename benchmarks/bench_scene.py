@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,17 +33,7 @@ from datasets.builders import bigearthnet_transform  # noqa: E402
 from datasets.landsat_scene import open_scene  # noqa: E402
 from models.moe_mae import build_mae  # noqa: E402
 from sample_dataset.generate_scene import generate_scene  # noqa: E402
-
-PEAK_RSS = """
-import resource, runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as exc:
-    assert not exc.code, exc.code
-print("RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-"""
-
+from utils.runtime import run_script_with_peak_rss  # noqa: E402
 
 def run_tool(scene: Path, out: Path, checkpoint: Path, size: str, stride: int,
              batch_size: int) -> tuple:
@@ -54,12 +43,9 @@ def run_tool(scene: Path, out: Path, checkpoint: Path, size: str, stride: int,
             "--set", f"model.checkpoint_path={checkpoint}", "--set", f"model.size={size}",
             "--set", f"scene.stride={stride}", "--set", f"embed.batch_size={batch_size}",
             "--set", "output.quicklook=false"]
-    result = subprocess.run([sys.executable, "-c", PEAK_RSS, *args], cwd=REPO,
-                            capture_output=True, text=True)
+    result, rss = run_script_with_peak_rss(args[0], args[1:], cwd=REPO)
     if result.returncode:
         raise SystemExit(result.stderr[-2000:])
-    rss = int(next(line for line in result.stdout.splitlines() if line.startswith("RSS"))
-              .split()[1])
     return json.loads((out / "map_scene.json").read_text()), rss
 
 

@@ -32,6 +32,7 @@ from sample_dataset.generate_scene import (ACQUIRED, PRODUCT, SCENE_LEFT, SCENE_
 from utils.checkpoint import load_weights
 from utils.data_utils import normalize_latlon, normalize_timestamp
 from utils.errors import one_line
+from utils.runtime import run_script_with_peak_rss
 
 REPO = Path(__file__).resolve().parents[1]
 EUROSAT = REPO / "sample_dataset" / "eurosat_l"
@@ -339,17 +340,6 @@ def test_torchrun_with_two_processes_writes_the_single_process_maps(tmp_path, sc
     assert not list(outputs[2].glob(".*"))  # no parts or temporaries left
 
 
-PEAK_RSS = """
-import resource, runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as exc:
-    assert not exc.code, exc.code
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-"""
-
-
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_scene(tmp_path, checkpoint):
     peaks = {}
@@ -357,11 +347,9 @@ def test_peak_memory_does_not_grow_with_the_scene(tmp_path, checkpoint):
         scene = tmp_path / f"scene{side}"
         generate_scene(scene, side, side, seed=4, layout="stack", region_size=600)
         args = run(CONFIG, tmp_path / f"out{side}", "scene.stride=1000", scene=next(scene.glob("*_SR.TIF")), checkpoint=checkpoint)
-        result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(REPO / "map_scene.py"),
-                                 *args], cwd=REPO, env=ENV, capture_output=True, text=True,
-                                timeout=300)
+        result, peaks[side] = run_script_with_peak_rss(REPO / "map_scene.py", args, cwd=REPO,
+                                                       env=ENV, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
-        peaks[side] = int(result.stdout.strip().splitlines()[-1])
         record = json.loads((tmp_path / f"out{side}" / "map_scene.json").read_text())
         assert record["counts"]["mapped"] > 0
         shutil.rmtree(scene)

@@ -6,6 +6,7 @@ import ctypes
 import os
 import random
 import signal
+import subprocess
 import sys
 from datetime import timedelta
 from typing import Callable, NamedTuple, Optional, TypeVar
@@ -133,3 +134,24 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2 ** 32
     random.seed(seed)
     np.random.seed(seed)
+
+
+_PEAK_RSS_RUNNER = """
+import resource, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as exc:
+    assert not exc.code, exc.code
+print("PEAK_RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def run_script_with_peak_rss(script, args, **run_kwargs) -> tuple[subprocess.CompletedProcess, int]:
+    """Run the Python ``script`` with ``args`` in a new process (``subprocess.run`` keywords:
+    cwd, env, timeout, ...); returns (the finished process, its peak RSS in bytes, or -1 when
+    it failed). For benchmarks and memory tests."""
+    result = subprocess.run([sys.executable, "-c", _PEAK_RSS_RUNNER, str(script),
+                             *map(str, args)], capture_output=True, text=True, **run_kwargs)
+    peaks = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("PEAK_RSS")]
+    return result, int(peaks[-1]) if result.returncode == 0 and peaks else -1
