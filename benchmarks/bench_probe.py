@@ -1,7 +1,8 @@
 """The linear probe at the paper's scale: the fast L-BFGS solver against the published sag solver.
 
-    python benchmarks/bench_probe.py [--sizes 2000,8000] [--big-rows 269694] [--dim 15120]
-        [--cache /tmp/bench_probe] [--skip-sag] [--skip-big] [--sag-max-iter 1000]
+    python benchmarks/bench_probe.py [--sizes 2000,8000] [--sag-labels 4,1] [--dim 15120]
+        [--cache /tmp/bench_probe] [--skip-sag] [--sag-max-iter 1000]
+    python benchmarks/bench_probe.py --benl [--big-rows 269694]
 
 Synthetic embedding files (cached in ``--cache``, made once): low-rank structure plus noise,
 like all-token embeddings (rank-24 latent factors mapped to ``--dim`` columns with uneven
@@ -10,12 +11,13 @@ logistic model of the latent factors (prevalences 3% to 40%).
 
 Rows of the table, each fit in a fresh process (so that peak RSS is the fit's own):
 
-- ``fast``: ``LogisticRegressionModel()`` (L-BFGS, tolerance 1e-4, all cores), features
+- ``fast``: ``LogisticRegressionModel()`` (L-BFGS, default tolerance, all cores), features
   streamed from the .npz (held in memory when they fit 1 GiB);
 - ``sag``: the published settings, ``LogisticRegressionModel(solver="sag", multilabel=True,
   n_jobs=4, max_iter=1000, seed=0)`` on the features loaded into memory (float32);
-- ``fast`` alone on a BEN-L-sized file: ``--big-rows`` x ``--dim`` float16 (8.2 GB on disk for
-  269,694 x 15,120), streamed in blocks.
+- with ``--benl`` (instead of the side-by-side rows): ``fast`` alone on a BEN-L-sized file,
+  ``--big-rows`` x ``--dim`` float16 (8.2 GB on disk for 269,694 x 15,120), streamed in blocks,
+  with the solver's progress lines (time per data pass) as it runs.
 
 Columns: wall seconds (reading the features and fitting), peak RSS of the process, the final
 objective (sum over the 19 labels of ``0.5||w||^2 + C * sum logloss``, computed the same way for
@@ -138,7 +140,8 @@ def worker(args) -> None:
             del x
         else:
             source = NpzRows(args.train, "x").cached()
-            model = LogisticRegressionModel(multilabel=True, n_jobs=-1).fit(source, y)
+            model = LogisticRegressionModel(multilabel=True, n_jobs=-1,
+                                            verbose=args.progress).fit(source, y)
     seconds = time.perf_counter() - started
     peak = peak_rss_bytes()
     not_converged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
@@ -157,13 +160,24 @@ def worker(args) -> None:
 
 
 def run_worker(solver: str, train: Path, val: Path, sag_max_iter: int,
-               labels: int = N_LABELS) -> dict:
+               labels: int = N_LABELS, progress: bool = False) -> dict:
+    """One fit in a fresh process; its last stdout line is the result. ``progress``: the
+    solver's per-iteration lines are passed through, with the seconds since the start."""
     command = [sys.executable, __file__, "--worker", solver, "--train", str(train),
                "--val", str(val), "--sag-max-iter", str(sag_max_iter), "--labels", str(labels)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{solver} worker failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    if progress:
+        command.append("--progress")
+    started, last = time.perf_counter(), ""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:
+        for line in process.stdout:
+            last = line.strip() or last
+            if progress and line.startswith("[lbfgs]"):
+                print(f"  {time.perf_counter() - started:7.0f} s {line.rstrip()}", flush=True)
+        stderr = process.stderr.read()
+    if process.returncode != 0:
+        raise SystemExit(f"{solver} worker failed:\n{stderr[-3000:]}")
+    return json.loads(last)
 
 
 def sag_result(train: Path, val: Path, sag_max_iter: int, labels: int, cache: Path) -> dict:
@@ -196,12 +210,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dim", type=int, default=15120)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/bench_probe"))
     parser.add_argument("--skip-sag", action="store_true")
-    parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--benl", action="store_true",
+                        help="only the fast solver on the BEN-L-sized file")
     parser.add_argument("--sag-max-iter", type=int, default=1000)
     parser.add_argument("--sag-labels", default="",
                         help="per size, the labels both solvers fit, e.g. '19,2' (default all "
                              "19): sag on 8,000 rows x 19 labels takes hours on 2 cores")
     parser.add_argument("--labels", type=int, default=N_LABELS, help=argparse.SUPPRESS)
+    parser.add_argument("--progress", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=("fast", "sag"), help=argparse.SUPPRESS)
     parser.add_argument("--train", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--val", type=Path, help=argparse.SUPPRESS)
@@ -216,7 +232,7 @@ def main(argv=None) -> int:
                           args.dim, "float32", seed=1)
     sizes = [int(n) for n in args.sizes.split(",") if n]
     labels = [int(n) for n in args.sag_labels.split(",") if n] or [N_LABELS] * len(sizes)
-    for n_rows, n_labels in zip(sizes, labels):
+    for n_rows, n_labels in zip(sizes, labels) if not args.benl else ():
         train = write_synthetic(args.cache / f"train_{n_rows}x{args.dim}_float32.npz", n_rows,
                                 args.dim, "float32", seed=2)
         fast = run_worker("fast", train, val, args.sag_max_iter, n_labels)
@@ -227,13 +243,13 @@ def main(argv=None) -> int:
                   flush=True)
             print(f"{'':<38} speed-up {sag['seconds'] / fast['seconds']:.1f}x, objective "
                   f"fast - sag = {fast['objective'] - sag['objective']:+.3e}", flush=True)
-    if not args.skip_big:
+    if args.benl:
         started = time.perf_counter()
         big = write_synthetic(args.cache / f"train_{args.big_rows}x{args.dim}_float16.npz",
                               args.big_rows, args.dim, "float16", seed=3)
         print(f"{args.big_rows} x {args.dim} float16 file: {big.stat().st_size / 1e9:.2f} GB "
               f"(ready after {time.perf_counter() - started:.0f} s)", flush=True)
-        result = run_worker("fast", big, val, args.sag_max_iter)
+        result = run_worker("fast", big, val, args.sag_max_iter, progress=True)
         print(row(f"{args.big_rows} rows fast (lbfgs)", result), flush=True)
     return 0
 
