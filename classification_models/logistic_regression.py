@@ -101,8 +101,10 @@ class LogisticRegressionModel(Probe):
             precond_mean, precond_std = stats.mean, std
         dim = source.shape[1]
         with torch_threads(self.n_jobs):
-            spectral = nystrom_preconditioner(source, stats.mean, std, self.precond_rank,
-                                              self.seed, self.device, self.block_rows)
+            penalty = 1.0 if self.scale else float(np.mean(1.0 / std ** 2))
+            spectral = nystrom_preconditioner(
+                source, stats.mean, std, self.precond_rank, 4 * penalty / (self.C * len(source)),
+                self.seed, self.device, self.block_rows)
         problem_args = dict(C=self.C, feature_mean=feature_mean, feature_scale=feature_scale,
                             precond_mean=precond_mean, precond_std=precond_std, spectral=spectral,
                             device=self.device, block_rows=self.block_rows)

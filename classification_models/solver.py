@@ -294,13 +294,18 @@ def fit_lbfgs(problem: LogisticProblem, tol: float = DEFAULT_TOL, max_iter: int 
 
 
 def nystrom_preconditioner(source: RowSource, mean, std, rank: int = PRECOND_RANK,
-                           seed: int = 0, device="cpu", block_rows: Optional[int] = None):
+                           penalty: float = 0.0, seed: int = 0, device="cpu",
+                           block_rows: Optional[int] = None):
     """The spectral part of the solver's change of variables, from one data pass.
 
     Randomised Nystrom approximation (Tropp et al. 2017, the stable variant with a shift) of
     the covariance S = X'^T X' / N of the standardised features x' = (x - mean) / std ((D,)
     each): Y = S Q for a (D, r) orthonormal random Q, then S ~ Y (Q^T Y)^-1 Y^T, whose top
-    eigenpairs (U (D, r), lambda (r,)) give the factors s = sqrt(lambda_r / lambda) (<= 1).
+    eigenpairs (U (D, r), lambda (r,)) give the factors s = sqrt((lambda_r + penalty) /
+    (lambda + penalty)) (<= 1). ``penalty``: the penalty's curvature relative to the loss's
+    (4 / (C N) times the mean curvature of the penalty in the solver's coordinates, the Hessian
+    at zero being (C N / 4) S + penalty): it keeps s sensible when the sketch sees the whole,
+    rank-deficient spectrum (fewer rows than ``rank``; lambda_r = 0).
     Returns (U, s) as float64 numpy arrays, or None when the sketch is empty (r < 2).
     Draws only from its own generator (``seed``)."""
     n_rows, dim = source.shape
@@ -327,8 +332,10 @@ def nystrom_preconditioner(source: RowSource, mean, std, rank: int = PRECOND_RAN
     b = torch.linalg.solve_triangular(factor, shifted.T, upper=False).T  # shifted L^-T
     basis, singular, _ = torch.linalg.svd(b, full_matrices=False)
     eigenvalues = (singular ** 2 - shift).clamp_min(0)
-    floor = eigenvalues[-1].clamp_min(1e-12 * eigenvalues[0].clamp_min(1e-300))
-    scale = torch.sqrt(floor / eigenvalues.clamp_min(floor))
+    floor = eigenvalues[-1] + penalty
+    if floor <= 0:
+        return None
+    scale = torch.sqrt(floor / (eigenvalues + penalty).clamp_min(floor))
     return basis.numpy(), scale.numpy()
 
 
