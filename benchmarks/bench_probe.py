@@ -147,6 +147,8 @@ def worker(args) -> None:
     not_converged = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
     val = np.load(args.val)
     scores = model.predict_proba(val["x"].astype(np.float32))
+    if y.shape[1] == 1:  # scikit-learn's one-vs-rest of one label: (N, 2), [1 - p, p]
+        scores = scores[:, -1:]
     result = {"solver": args.worker, "labels": int(y.shape[1]), "seconds": seconds,
               "peak_rss_gb": peak / 1e9,
               "objective": total_objective(model, NpzRows(args.train, "x"), y),
