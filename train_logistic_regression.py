@@ -3,7 +3,7 @@
     python train_logistic_regression.py --train train.npz --val val.npz [--test test.npz] \\
         --out DIR --name N [--multilabel true|false] [--n-jobs 8] [--feature-slice a:b] \\
         [--pool [true|false]] [--scale] [--train-fraction f --seed s] [--probe logreg|knn] \
-        [--solver lbfgs|sag] [--C 1] [--tol 1e-4] [--device cpu|cuda] [--knn-metric euclidean]
+        [--solver lbfgs|sag] [--C 1] [--tol 1e-5] [--device cpu|cuda] [--knn-metric euclidean]
 
 The logistic-regression probe is fitted by the exact L-BFGS solver on features streamed from the
 file (classification_models/solver.py, rows.py); ``--solver sag`` is the published solver.

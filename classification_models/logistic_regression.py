@@ -34,7 +34,8 @@ from sklearn.preprocessing import LabelBinarizer, StandardScaler
 
 from classification_models.base import Probe
 from classification_models.rows import ArrayRows, RowSource
-from classification_models.solver import DEFAULT_TOL, LogisticProblem, fit_lbfgs, torch_threads
+from classification_models.solver import (DEFAULT_TOL, PRECOND_RANK, LogisticProblem, fit_lbfgs,
+                                          nystrom_preconditioner, torch_threads)
 
 SOLVERS = ("lbfgs", "sag")
 
@@ -61,7 +62,7 @@ class LogisticRegressionModel(Probe):
 
     def __init__(self, scale=False, max_iter=1000, seed=0, multilabel=False, n_jobs=None,
                  verbose=False, solver="lbfgs", C=1.0, tol=DEFAULT_TOL, device="cpu",
-                 block_rows=None):
+                 block_rows=None, precond_rank=PRECOND_RANK):
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
         self.scale = scale
@@ -75,6 +76,7 @@ class LogisticRegressionModel(Probe):
         self.tol = tol
         self.device = device
         self.block_rows = block_rows
+        self.precond_rank = precond_rank
         self.scaler: Optional[StandardScaler] = None
         self.model = None
         self.fit_report: Optional[dict] = None
@@ -98,8 +100,13 @@ class LogisticRegressionModel(Probe):
             feature_mean = feature_scale = None
             precond_mean, precond_std = stats.mean, std
         dim = source.shape[1]
+        with torch_threads(self.n_jobs):
+            penalty = 1.0 if self.scale else float(np.mean(1.0 / std ** 2))
+            spectral = nystrom_preconditioner(
+                source, stats.mean, std, self.precond_rank, 4 * penalty / (self.C * len(source)),
+                self.seed, self.device, self.block_rows)
         problem_args = dict(C=self.C, feature_mean=feature_mean, feature_scale=feature_scale,
-                            precond_mean=precond_mean, precond_std=precond_std,
+                            precond_mean=precond_mean, precond_std=precond_std, spectral=spectral,
                             device=self.device, block_rows=self.block_rows)
 
         if self.multilabel:

@@ -25,9 +25,18 @@ the multinomial problem is one group. The solver works in standardised coordinat
 (``w = u / std``, ``b = c - mean . w``, with the features' column mean and standard deviation):
 the same objective, the same optimum, but a much better-conditioned problem for L-BFGS when
 feature scales differ or means are far from zero (the intercept no longer fights the weights).
+On top of that, a spectral preconditioner (:func:`nystrom_preconditioner`): embeddings are
+strongly correlated (a few directions carry most of the variance), so the loss's curvature
+along the top eigenvectors of the standardised covariance is hundreds of times that of the
+rest, and L-BFGS needs hundreds of passes. A randomised Nystrom sketch (one extra data pass)
+estimates the top ``rank`` eigenpairs (U, lambda); the weights on standardised features are
+``P u`` with ``P = I + U (diag(s) - 1) U^T`` and ``s = sqrt(lambda_rank / lambda)``, which
+flattens those directions down to the bulk of the spectrum.
 
 Convergence: a group stops when the norm of its gradient (with respect to (w, b), the problem's
-own variables) is at most ``tol`` times its norm at w = 0, b = 0. Data passes run in float32
+own variables) is at most ``tol`` times its norm at w = 0, b = 0 (default 1e-5: on nearly
+separable embedding files, e.g. 2,000 rows of 15,120 features, 1e-4 still leaves the objective
+well above sag's). Data passes run in float32
 (loss and gradient sums in float64), so ``tol`` below ~1e-7 is not reachable; the line search
 then fails and the group stops with ``line_search_failed``.
 """
@@ -46,7 +55,8 @@ import torch.nn.functional as F
 
 from classification_models.rows import RowSource
 
-DEFAULT_TOL = 1e-4
+DEFAULT_TOL = 1e-5
+PRECOND_RANK = 64  # eigenpairs of the spectral preconditioner (0: none)
 HISTORY = 10
 ARMIJO = 1e-4
 MAX_BACKTRACKS = 30
@@ -93,12 +103,14 @@ class LogisticProblem:
     indices in [0, K) (multinomial). feature_mean, feature_scale: (D,) the model's own
     standardisation x' = (x - mean) / scale (``--scale``) or None; the penalty applies to the
     coefficients on x'. precond_mean, precond_std: (D,) column mean and std of x' (the solver's
-    change of variables; identity when None).
+    change of variables; identity when None). spectral: (U (D, r), s (r,)) from
+    :func:`nystrom_preconditioner`, or None.
     """
 
     def __init__(self, source: RowSource, targets: np.ndarray, n_outputs: int, multinomial: bool,
                  C: float = 1.0, feature_mean=None, feature_scale=None, precond_mean=None,
-                 precond_std=None, device="cpu", block_rows: Optional[int] = None):
+                 precond_std=None, spectral=None, device="cpu",
+                 block_rows: Optional[int] = None):
         self.source, self.multinomial, self.C = source, multinomial, float(C)
         self.device = torch.device(device)
         self.block_rows = block_rows
@@ -113,15 +125,25 @@ class LogisticProblem:
 
         self.feature_mean, self.feature_scale = vector(feature_mean, 0), vector(feature_scale, 1)
         self.precond_mean, self.precond_std = vector(precond_mean, 0), vector(precond_std, 1)
+        self.spectral = None if spectral is None else tuple(
+            torch.as_tensor(np.asarray(t, dtype=np.float64)) for t in spectral)
         self.passes = 0
 
-    # change of variables: theta = (u; c) -> model (w; b) on x' -> raw (w; b) on x
+    # change of variables: theta = (u; c) -> (P u; c) -> model (w; b) on x' -> raw (w; b) on x
     def to_model(self, theta: torch.Tensor) -> torch.Tensor:
-        return _unstandardise(theta, self.precond_mean, self.precond_std)
+        return _unstandardise(self._spectral(theta), self.precond_mean, self.precond_std)
 
     def model_grad_to_theta(self, grad: torch.Tensor) -> torch.Tensor:
         """Transpose of :meth:`to_model`: a gradient in (w; b) -> a gradient in (u; c)."""
-        return _unstandardise_transposed(grad, self.precond_mean, self.precond_std)
+        return self._spectral(_unstandardise_transposed(grad, self.precond_mean, self.precond_std))
+
+    def _spectral(self, theta: torch.Tensor) -> torch.Tensor:
+        """(u; c) -> (P u; c), P = I + U (diag(s) - 1) U^T (symmetric: its own transpose)."""
+        if self.spectral is None:
+            return theta
+        basis, factor = self.spectral
+        u = theta[:-1] + basis @ ((factor - 1)[:, None] * (basis.T @ theta[:-1]))
+        return torch.cat([u, theta[-1:]], dim=0)
 
     def model_to_raw(self, model: torch.Tensor) -> torch.Tensor:
         return _unstandardise(model, self.feature_mean, self.feature_scale)
@@ -269,6 +291,52 @@ def fit_lbfgs(problem: LogisticProblem, tol: float = DEFAULT_TOL, max_iter: int 
     report.status = status
     report.theta = theta
     return problem.to_model(theta).numpy(), report
+
+
+def nystrom_preconditioner(source: RowSource, mean, std, rank: int = PRECOND_RANK,
+                           penalty: float = 0.0, seed: int = 0, device="cpu",
+                           block_rows: Optional[int] = None):
+    """The spectral part of the solver's change of variables, from one data pass.
+
+    Randomised Nystrom approximation (Tropp et al. 2017, the stable variant with a shift) of
+    the covariance S = X'^T X' / N of the standardised features x' = (x - mean) / std ((D,)
+    each): Y = S Q for a (D, r) orthonormal random Q, then S ~ Y (Q^T Y)^-1 Y^T, whose top
+    eigenpairs (U (D, r), lambda (r,)) give the factors s = sqrt((lambda_r + penalty) /
+    (lambda + penalty)) (<= 1). ``penalty``: the penalty's curvature relative to the loss's
+    (4 / (C N) times the mean curvature of the penalty in the solver's coordinates, the Hessian
+    at zero being (C N / 4) S + penalty): it keeps s sensible when the sketch sees the whole,
+    rank-deficient spectrum (fewer rows than ``rank``; lambda_r = 0).
+    Returns (U, s) as float64 numpy arrays, or None when the sketch is empty (r < 2).
+    Draws only from its own generator (``seed``)."""
+    n_rows, dim = source.shape
+    rank = min(rank, dim, n_rows)
+    if rank < 2:
+        return None
+    device = torch.device(device)
+    generator = torch.Generator().manual_seed(seed)
+    test = torch.linalg.qr(torch.randn(dim, rank, generator=generator, dtype=torch.float64))[0]
+    test32 = test.float().to(device)
+    mean32 = torch.as_tensor(np.asarray(mean), dtype=torch.float32).to(device)
+    inv_std32 = 1.0 / torch.as_tensor(np.asarray(std), dtype=torch.float32).to(device)
+    sketch = torch.zeros(dim, rank, dtype=torch.float64, device=device)
+    for _, block in source.blocks(block_rows):
+        block = block.to(device, non_blocking=True).sub_(mean32).mul_(inv_std32)
+        sketch += (block.T @ (block @ test32)).double()
+    sketch = sketch.cpu() / n_rows
+    shift = float(np.finfo(np.float32).eps) * dim ** 0.5 * float(torch.linalg.norm(sketch))
+    shifted = sketch + shift * test
+    core = test.T @ shifted
+    factor, info = torch.linalg.cholesky_ex(0.5 * (core + core.T))
+    if int(info) != 0:  # no positive-definite core even with the shift: no spectral part
+        return None
+    b = torch.linalg.solve_triangular(factor, shifted.T, upper=False).T  # shifted L^-T
+    basis, singular, _ = torch.linalg.svd(b, full_matrices=False)
+    eigenvalues = (singular ** 2 - shift).clamp_min(0)
+    floor = eigenvalues[-1] + penalty
+    if floor <= 0:
+        return None
+    scale = torch.sqrt(floor / (eigenvalues + penalty).clamp_min(floor))
+    return basis.numpy(), scale.numpy()
 
 
 def _acceptable(trial_f, f, step, slope, trial_slope):
