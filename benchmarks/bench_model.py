@@ -12,8 +12,8 @@ Model S, 40x40x7 chips, patch 4, fp32, on whatever device this runs (CPU here):
   chunks of 128.
 
 The fast path uses the native CPU kernels of ``models/native.py`` where they build; the rows
-"PyTorch ops only" show it without them (``native.enabled(False)``, as on a machine without a
-C++ compiler).
+"PyTorch ops only" show it without them (the ``torch`` backend of ``models/ops``, as on a
+machine without a C++ compiler); the oracle is the ``reference`` backend.
 
 Every workload (implementation x training/inference) runs in its own fresh process, on the
 same weights and the same rotating set of input batches (routing varies between batches, as
@@ -41,8 +41,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import fast_ops, native  # noqa: E402
-from models.moe_mae import MOEEncoder, build_mae, use_reference_impl  # noqa: E402
+from models import native, ops  # noqa: E402
+from models.moe_mae import MOEEncoder, build_mae  # noqa: E402
+from models.ops.linear import matmul_nt, onednn_available  # noqa: E402
+
+# the backend of each implementation (models/ops)
+BACKEND = {"fast": "auto", "fast_torch_ops": "torch", "oracle": "reference"}
 
 
 def model_flops(encoder: MOEEncoder, tokens: int, decoder_tokens: int = 0, decoder=None):
@@ -74,8 +78,8 @@ def matmul_peak(n: int = 2048, reps: int = 10):
     a, b = torch.randn(n, n), torch.randn(n, n)
     results = {}
     candidates = {"torch.mm": lambda: a @ b}
-    if fast_ops.onednn_available():
-        candidates["oneDNN"] = lambda: fast_ops.matmul_nt(a, b)
+    if onednn_available():
+        candidates["oneDNN"] = lambda: matmul_nt(a, b)
     for name, fn in candidates.items():
         fn()
         times = []
@@ -117,7 +121,7 @@ def measure(workload: str, calls: int) -> list:
     batches = make_batches(64, 4, seed=1) if training else make_batches(256, 3, seed=2)
     if training:
         optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-4, weight_decay=0.05,
-                                      fused=fast_ops.onednn_available() or None)
+                                      fused=onednn_available() or None)
 
         def call(imgs, meta):
             pred, mask, _, moe_loss = mae(imgs, *meta)
@@ -137,8 +141,7 @@ def measure(workload: str, calls: int) -> list:
                 mae.encoder(imgs[part], *(m[part] for m in meta))
 
     times = []
-    with torch.inference_mode(not training), use_reference_impl(mae, implementation == "oracle"), \
-            native.enabled(implementation == "fast"):
+    with torch.inference_mode(not training), ops.use_backend(mae, BACKEND[implementation]):
         for i in range(calls + 2):
             start = time.perf_counter()
             call(*batches[i % len(batches)])
