@@ -156,10 +156,17 @@ def library() -> Optional[ctypes.CDLL]:
     return lib
 
 
+@torch.compiler.assume_constant_result
+def _loaded() -> bool:
+    """Whether :func:`library` loaded (a constant to ``torch.compile``, which need not trace
+    the build)."""
+    return library() is not None
+
+
 def accepts(*tensors: torch.Tensor) -> bool:
     """True when the kernels are loaded and can run on these tensors: fp32 on CPU, outside
     autocast (whose lower-precision inputs they do not take)."""
-    if torch.is_autocast_enabled("cpu") or library() is None:
+    if torch.is_autocast_enabled("cpu") or not _loaded():
         return False
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 

@@ -6,7 +6,7 @@ library inside every x86 PyTorch build (its ``mkldnn`` backend), runs AVX-512 ke
 about twice the fp32 throughput for this model's shapes (``benchmarks/bench_model.py``
 measures both). :func:`linear` computes with oneDNN when the inputs are fp32 CPU tensors
 outside autocast and the op exists in this build, and with ``F.linear`` otherwise (CUDA,
-autocast dtypes, builds without oneDNN). Results agree with ``F.linear`` to fp32 rounding.
+autocast dtypes, builds without oneDNN, and under ``torch.compile``). Results agree with ``F.linear`` to fp32 rounding.
 
 Weight gradients contract over tokens, so oneDNN needs the layer input transposed; it copies
 it unless the caller passes that transpose (``x_t``). The native LayerNorm
@@ -46,7 +46,9 @@ def onednn_available() -> bool:
 def _use_onednn(x: torch.Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
         return False
-    return onednn_available()
+    # under torch.compile, F.linear: inductor picks its own GEMM (its lowering of the oneDNN op
+    # expects weights it pre-packed itself, and fails on ours)
+    return not torch.compiler.is_compiling() and onednn_available()
 
 
 def _onednn_nt(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None):
