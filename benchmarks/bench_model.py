@@ -1,6 +1,12 @@
 """Throughput of the fast path against the reference (published) computation, same weights.
 
     python benchmarks/bench_model.py [--rounds 3] [--quick] [--json out.json]
+    python benchmarks/bench_model.py --device cuda [--json out.json]
+
+``--device cuda`` (see :func:`device_sweep`): training images/s at batch 128, 512 and 2048 and
+inference images/s, eager and ``torch.compile``-d, the fast path (``torch`` backend: SDPA,
+fixed-shape expert matmuls) against the reference, in one process on one GPU. The rest of
+this docstring describes the CPU method (the default).
 
 Model S, 40x40x7 chips, patch 4, fp32, on whatever device this runs (CPU here):
 
@@ -12,8 +18,8 @@ Model S, 40x40x7 chips, patch 4, fp32, on whatever device this runs (CPU here):
   chunks of 128.
 
 The fast path uses the native CPU kernels of ``models/native.py`` where they build; the rows
-"PyTorch ops only" show it without them (``native.enabled(False)``, as on a machine without a
-C++ compiler).
+"PyTorch ops only" show it without them (the ``torch`` backend of ``models/ops``, as on a
+machine without a C++ compiler); the oracle is the ``reference`` backend.
 
 Every workload (implementation x training/inference) runs in its own fresh process, on the
 same weights and the same rotating set of input batches (routing varies between batches, as
@@ -41,8 +47,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import fast_ops, native  # noqa: E402
-from models.moe_mae import MOEEncoder, build_mae, use_reference_impl  # noqa: E402
+from models import native, ops  # noqa: E402
+from models.moe_mae import MAEObjective, MOEEncoder, build_mae  # noqa: E402
+from models.ops.linear import matmul_nt, onednn_available  # noqa: E402
+
+# the backend of each implementation (models/ops)
+BACKEND = {"fast": "auto", "fast_torch_ops": "torch", "oracle": "reference"}
 
 
 def model_flops(encoder: MOEEncoder, tokens: int, decoder_tokens: int = 0, decoder=None):
@@ -74,8 +84,8 @@ def matmul_peak(n: int = 2048, reps: int = 10):
     a, b = torch.randn(n, n), torch.randn(n, n)
     results = {}
     candidates = {"torch.mm": lambda: a @ b}
-    if fast_ops.onednn_available():
-        candidates["oneDNN"] = lambda: fast_ops.matmul_nt(a, b)
+    if onednn_available():
+        candidates["oneDNN"] = lambda: matmul_nt(a, b)
     for name, fn in candidates.items():
         fn()
         times = []
@@ -117,7 +127,7 @@ def measure(workload: str, calls: int) -> list:
     batches = make_batches(64, 4, seed=1) if training else make_batches(256, 3, seed=2)
     if training:
         optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-4, weight_decay=0.05,
-                                      fused=fast_ops.onednn_available() or None)
+                                      fused=onednn_available() or None)
 
         def call(imgs, meta):
             pred, mask, _, moe_loss = mae(imgs, *meta)
@@ -137,8 +147,7 @@ def measure(workload: str, calls: int) -> list:
                 mae.encoder(imgs[part], *(m[part] for m in meta))
 
     times = []
-    with torch.inference_mode(not training), use_reference_impl(mae, implementation == "oracle"), \
-            native.enabled(implementation == "fast"):
+    with torch.inference_mode(not training), ops.use_backend(mae, BACKEND[implementation]):
         for i in range(calls + 2):
             start = time.perf_counter()
             call(*batches[i % len(batches)])
@@ -147,17 +156,92 @@ def measure(workload: str, calls: int) -> list:
     return times
 
 
+def device_sweep(device: str, batches=(128, 512, 2048), infer_batch: int = 2048,
+                 calls: int = 5, compiled=(False, True)):
+    """Images/s on ``device`` (synchronised timing, after two untimed calls) for every
+    (training batch or inference, backend, eager or compiled); returns rows of
+    (workload, backend, mode, images/s or an error line)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    rows = []
+    for backend in ("torch", "reference"):
+        for use_compile in compiled:
+            mode = "compiled" if use_compile else "eager"
+            for batch in (*batches, None):
+                training = batch is not None
+                n = batch if training else infer_batch
+                torch.manual_seed(0)
+                mae = ops.set_backend(build_mae("S").to(device).train(training), backend)
+                objective = MAEObjective(mae)
+                encoder = mae.encoder
+                if use_compile:
+                    objective, encoder = torch.compile(objective), torch.compile(encoder)
+                optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-4, weight_decay=0.05)
+                g = torch.Generator(device=device).manual_seed(1)
+                imgs = torch.randn(n, 7, 40, 40, generator=g, device=device)
+                meta = [torch.randn(n, 2, generator=g, device=device) for _ in range(4)]
+
+                def call():
+                    if training:
+                        loss = objective(imgs, *meta)["loss"]
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                    else:
+                        with torch.inference_mode():
+                            encoder(imgs, *meta)
+                workload = f"training, batch {n}" if training else f"inference, batch {n}"
+                try:
+                    for _ in range(2):
+                        call()
+                    sync()
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        call()
+                    sync()
+                    rows.append((workload, backend, mode, n * calls / (time.perf_counter() - start)))
+                except (RuntimeError, torch.OutOfMemoryError) as error:  # report, keep going
+                    rows.append((workload, backend, mode, str(error).splitlines()[0][:80]))
+                del mae, objective, encoder, optimizer
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+    return rows
+
+
+def print_sweep(device: str, rows) -> None:
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else device
+    print(f"MoE-MAE S, fp32, {name}, torch {torch.__version__}")
+    print()
+    print("| workload | backend | mode | images/s |")
+    print("|---|---|---|---:|")
+    for workload, backend, mode, value in rows:
+        shown = f"{value:.0f}" if isinstance(value, float) else value
+        print(f"| {workload} | {backend} | {mode} | {shown} |")
+    speed = {(w, b, m): v for w, b, m, v in rows if isinstance(v, float)}
+    for (w, b, m), v in speed.items():
+        if b == "torch" and (w, "reference", m) in speed:
+            print(f"fast / reference, {w}, {m}: {v / speed[(w, 'reference', m)]:.2f}x")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3,
                         help="processes per workload, run in alternation")
     parser.add_argument("--quick", action="store_true", help="one short round (smoke run)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (the multi-process CPU method) or cuda[:i] (device_sweep)")
     parser.add_argument("--worker", choices=WORKLOADS, help=argparse.SUPPRESS)
     parser.add_argument("--calls", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:  # one measurement in this fresh process
         print(json.dumps(measure(args.worker, args.calls)))
+        return
+
+    if args.device != "cpu":
+        rows = device_sweep(args.device, calls=2 if args.quick else 5)
+        print_sweep(args.device, rows)
+        if args.json:
+            args.json.write_text(json.dumps([list(r) for r in rows], indent=2))
         return
 
     rounds = 1 if args.quick else args.rounds

@@ -13,34 +13,28 @@ The architecture of arXiv 2509.10919 (about 2.5M parameters for size S):
 ``state_dict()`` uses the published key layout (``../shared/reference``'s JSON lists it), so
 checkpoints go both ways between the published code and this one.
 
-Attention, gate, MoE and the layer norms and linears around them have two implementations,
-selected with :func:`use_reference_impl`:
+This file is the architecture; how each operation (attention, gate, expert mixture, the
+layer norms, linears and dropout around them) is computed is the execution backend's business,
+in :mod:`models.ops`: ``reference`` (the plain published computation, the tests' oracle),
+``torch`` (the fast algebra on PyTorch ops) and ``native`` (plus native CPU kernels). Modules
+are built with ``auto`` (``native`` where the kernels build, else ``torch``); change it with
+:func:`models.ops.set_backend` or, for a block, :func:`models.ops.use_backend`
+(:func:`use_reference_impl` for the reference).
 
-* the fast path (default): fused q/k/v projection and grouped attention (on CPU the fused
-  native kernel of :mod:`models.native`, else :func:`grouped_attention_cpu`; SDPA elsewhere);
-  an MoE that computes the shared ``V x`` and ``W2`` once per token (:mod:`models.fast_moe`);
-  on CPU, native LayerNorm and dropout kernels and matrix products through oneDNN
-  (:mod:`models.fast_ops`);
-* the reference path: the plain published computation (repeated k/v with an explicit
-  softmax; per expert a gather of its tokens, the full SwiGLU and an ``index_add`` of the
-  gated outputs). Tests use it as the oracle for the fast path.
-
-In ``eval()`` the two paths compute the same function (to fp32 rounding) and the gate adds no
+In ``eval()`` all backends compute the same function (to fp32 rounding) and the gate adds no
 noise, so repeated calls give bit-identical outputs.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import fast_ops, native
-from models.fast_ops import linear
-from models.fast_moe import expert_mixture
+from models import ops
+from models.ops.gate import Routing
 
 NUM_META_TOKENS = 4  # week, hour, lat, lon
 CLS_INDEX = NUM_META_TOKENS  # the CLS token follows the metadata tokens
@@ -55,11 +49,6 @@ MODEL_SIZES = {
 }
 
 
-def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    """x in fp32 when it is in a lower precision (autocast's bf16/fp16), else unchanged."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 # ----------------------------------------------------------------------------- experts
 
 
@@ -67,8 +56,8 @@ class SwiGLU(nn.Module):
     """One expert: ``W2(silu(W x) * (V x))`` followed by dropout.
 
     ``V`` and ``W2`` are passed in so that all experts of one MoE layer share them; ``W`` is
-    the expert's own. Only the reference path calls :meth:`forward`; the fast path reads the
-    weights directly.
+    the expert's own. The MoE layer reads the weights (:meth:`MoELayer.stacked_weights`);
+    :meth:`forward` is the published expert, for analysis.
     """
 
     def __init__(self, dim: int, hidden: int, shared_V: nn.Linear, shared_W2: nn.Linear,
@@ -81,59 +70,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.W2(F.silu(self.W(x)) * self.V(x)))
-
-
-class Routing(NamedTuple):
-    """What the gate decided for T tokens routed among E experts (top k).
-
-    The first five fields are the published gate's return value, in its order, so published
-    analysis code (``gates, _, topk_idx, *_ = moe.gate(x)``) runs unchanged.
-    """
-
-    gates: torch.Tensor  # (T, E) dense gate values, zero outside each token's top k
-    noisy_logits: torch.Tensor  # (T, E) Wg x + eps * noise_scale (== clean in eval)
-    topk_idx: torch.Tensor  # (T, k) expert ids, best first
-    noise_scale: torch.Tensor  # (T, E) softplus(Wnoise x)
-    clean_logits: torch.Tensor  # (T, E) Wg x
-    topk_gates: torch.Tensor  # (T, k) softmax over the k selected noisy logits
-    # (importance (E,), load (E,)) when the gate computed them (native kernel), else None
-    balance: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-
-    @classmethod
-    def build(cls, topk_idx, topk_gates, clean_logits, noisy_logits, noise_scale,
-              balance=None) -> "Routing":
-        """A routing from the top-k choice, with the dense gates filled in."""
-        gates = clean_logits.new_zeros(clean_logits.shape).scatter(1, topk_idx, topk_gates)
-        return cls(gates, noisy_logits, topk_idx, noise_scale, clean_logits, topk_gates,
-                   balance)
-
-    @classmethod
-    def of(cls, gate_output: Sequence[torch.Tensor]) -> "Routing":
-        """A gate's output as a Routing: the published analysis replaces ``gate.forward`` by
-        functions returning the published 5-tuple (gates, noisy, topk_idx, scale, clean)."""
-        if isinstance(gate_output, Routing):
-            return gate_output
-        gates, noisy, topk_idx, noise_scale, clean = gate_output[:5]
-        return cls(gates, noisy, topk_idx, noise_scale, clean, gates.gather(1, topk_idx))
-
-
-class _NativeGate(torch.autograd.Function):
-    """The gate and its balancing statistics in one native kernel (:func:`native.gate_forward`);
-    routing indices, noisy logits and noise scales are outputs without gradient."""
-
-    @staticmethod
-    def forward(ctx, logits, eps, k):
-        topk_idx, gates, noisy, scale, importance, load = native.gate_forward(logits, eps, k)
-        ctx.save_for_backward(logits, eps, gates)
-        ctx.mark_non_differentiable(topk_idx, noisy, scale)
-        ctx.set_materialize_grads(False)
-        return topk_idx, gates, noisy, scale, importance, load
-
-    @staticmethod
-    def backward(ctx, _, grad_gates, _noisy, _scale, grad_importance, grad_load):
-        logits, eps, gates = ctx.saved_tensors
-        return native.gate_backward(logits, eps, gates, grad_gates, grad_importance,
-                                    grad_load), None, None
 
 
 class NoisyTopKGate(nn.Module):
@@ -151,34 +87,17 @@ class NoisyTopKGate(nn.Module):
         self.Wg = nn.Linear(dim, num_experts)
         self.Wnoise = nn.Linear(dim, num_experts)
         self.k = k
-        self.use_reference = False
+        self.ops = ops.get()
 
     @property
     def num_experts(self) -> int:
         return self.Wg.out_features
 
     def forward(self, x: torch.Tensor) -> Routing:
-        """x: (T, dim) -> :class:`Routing`."""
-        if self.use_reference:
-            clean, noise_logits = self.Wg(x), self.Wnoise(x)
-        else:
-            logits = linear(x, torch.cat([self.Wg.weight, self.Wnoise.weight]),
-                            torch.cat([self.Wg.bias, self.Wnoise.bias]))
-            E = self.Wg.out_features
-            if E <= native.MAX_EXPERTS and fast_ops.native_usable(logits):
-                eps = torch.randn(x.shape[0], E, dtype=x.dtype) if self.training else None
-                topk_idx, gates, noisy, noise_scale, importance, load = _NativeGate.apply(
-                    logits, eps, self.k)
-                return Routing.build(topk_idx, gates, logits[:, :E], noisy, noise_scale,
-                                     (importance, load))
-            clean, noise_logits = logits.chunk(2, dim=-1)
-        # The gate runs in fp32 whatever the autocast dtype: bf16 logits tie often in top-k,
-        # and softplus and the balancing loss's normal CDF need the range.
-        clean, noise_logits = at_least_fp32(clean), at_least_fp32(noise_logits)
-        noise_scale = F.softplus(noise_logits)
-        noisy = clean + torch.randn_like(clean) * noise_scale if self.training else clean
-        topk_vals, topk_idx = noisy.topk(self.k, dim=-1)
-        return Routing.build(topk_idx, topk_vals.softmax(dim=-1), clean, noisy, noise_scale)
+        """x: (T, dim) -> :class:`Routing` (computed in fp32, see :mod:`models.ops.gate`)."""
+        weight = torch.cat([self.Wg.weight, self.Wnoise.weight])
+        bias = torch.cat([self.Wg.bias, self.Wnoise.bias])
+        return self.ops.gate(x, weight, bias, self.k, self.training)
 
 
 def coefficient_of_variation(x: torch.Tensor) -> torch.Tensor:
@@ -224,18 +143,16 @@ class MoELayer(nn.Module):
 
         y = sum_e g_e W2(silu(W_e x) * V x) = W2(V x * sum_e g_e silu(W_e x))
 
-    The fast path (:func:`models.fast_moe.expert_mixture`) uses the right-hand side: ``V x``
-    and ``W2`` once per token (the bias of W2 is exact because the gates sum to 1).
+    The fast backends (:mod:`models.ops.experts`) use the right-hand side: ``V x`` and ``W2``
+    once per token (the bias of W2 is exact because the gates sum to 1), with dropout
+    (training only) once on the combined output instead of on each expert's output before
+    gating as in the reference; both keep the expectation.
 
-    Dropout (training only) is applied once to the combined output in the fast path, instead
-    of to each expert's output before gating as in the reference path; both keep the
-    expectation, and in ``eval()`` the two paths compute the same function.
-
-    Experts that receive no token: in the fast path every expert's ``W`` is part of one
+    Experts that receive no token: in the fast backends every expert's ``W`` is part of one
     matmul over all tokens, so it gets a gradient (exactly zero when unused), and the gate's
     parameters always get gradients through the load-balancing loss. Every parameter thus
     receives a gradient on every step, whatever the routing, and DDP runs with
-    ``find_unused_parameters=False``. (The reference path skips unused experts, as published.)
+    ``find_unused_parameters=False``. (The reference skips unused experts, as published.)
     """
 
     def __init__(self, dim: int, hidden: int, num_experts: int = 3, k: int = 2,
@@ -248,7 +165,7 @@ class MoELayer(nn.Module):
         self.gate = NoisyTopKGate(dim, num_experts, k)
         self.dropout = nn.Dropout(dropout)
         self.w_importance, self.w_load = w_importance, w_load
-        self.use_reference = False
+        self.ops = ops.get()
 
     @property
     def V(self) -> nn.Linear:
@@ -274,104 +191,28 @@ class MoELayer(nn.Module):
         routing = Routing.of(self.gate(flat))
         aux_loss = load_balancing_loss(routing, self.w_importance, self.w_load) \
             if with_loss else None
-        if self.use_reference:
-            y = self.combine_reference(flat, routing)
-        else:
-            y = fast_ops.dropout(self.combine(flat, routing, x_t), self.dropout.p, self.training)
+        y = self.ops.expert_mixture(flat, routing, *self.stacked_weights(), self.dropout.p,
+                                    self.training, x_t)
         return y.view_as(x), aux_loss, routing
 
-    def combine(self, flat: torch.Tensor, routing: Routing,
-                flat_t: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Fast expert mixture, without dropout. flat: (T, dim) -> (T, dim)."""
+    def stacked_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(``[W_0; ...; W_{E-1}; V]`` weight ((E + 1) dh, dim) and bias, W2 weight (dim, dh)
+        and bias): the operands of :mod:`models.ops.experts`."""
         experts = list(self.experts)
-        return expert_mixture(flat, routing.topk_idx, routing.topk_gates,
-                              [e.W.weight for e in experts], [e.W.bias for e in experts],
-                              self.V.weight, self.V.bias, self.W2.weight, self.W2.bias, flat_t)
-
-    def combine_reference(self, flat: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """The published per-expert loop (dropout included). flat: (T, dim) -> (T, dim)."""
-        gates = routing.gates
-        out = torch.zeros_like(flat)
-        for e, expert in enumerate(self.experts):
-            tokens = (routing.topk_idx == e).any(dim=1).nonzero().squeeze(1)
-            if tokens.numel() == 0:
-                continue
-            contribution = expert(flat[tokens]) * gates[tokens, e:e + 1]
-            # accumulate in the input's dtype (fp32 under autocast, whose experts give bf16)
-            out.index_add_(0, tokens, contribution.to(out.dtype))
-        return out
+        return (torch.cat([*(e.W.weight for e in experts), self.V.weight]),
+                torch.cat([*(e.W.bias for e in experts), self.V.bias]),
+                self.W2.weight, self.W2.bias)
 
 
 # ---------------------------------------------------------------------------- attention
-
-
-def grouped_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
-                          num_groups: int, chunk: int = 64) -> torch.Tensor:
-    """Softmax attention with two batched matmuls per k/v group.
-
-    q (B, N, H * hd) with heads ordered group-major (head j uses group j // (H / G)) and
-    already scaled; k, v (B, N, G * hd). Returns (B, N, H * hd) in the same head order.
-    The queries of the H / G heads sharing a group form one (H / G * N, hd) matrix, so each
-    (sample, group) pair costs two matmuls. On CPU this beats SDPA's flash kernel at this
-    model's head dim of 18. Without autograd, groups are processed ``chunk`` (sample, group)
-    pairs at a time, so the attention matrices stay in cache.
-    """
-    B, N, _ = q.shape
-    G, R = num_groups, num_heads // num_groups
-    hd = k.shape[-1] // G
-    q = q.view(B, N, G, R, hd).permute(0, 2, 3, 1, 4).reshape(B * G, R * N, hd)
-    k_t = k.view(B, N, G, hd).permute(0, 2, 3, 1).reshape(B * G, hd, N)
-    v = v.view(B, N, G, hd).transpose(1, 2).reshape(B * G, N, hd)
-    if torch.is_grad_enabled() and (q.requires_grad or k_t.requires_grad or v.requires_grad):
-        # softmax in fp32 under autocast (CPU autocast would keep it in bf16)
-        out = torch.bmm(at_least_fp32(torch.bmm(q, k_t)).softmax(-1).to(v.dtype), v)
-    else:
-        out = v.new_empty(B * G, R * N, hd)
-        for i in range(0, B * G, chunk):
-            scores = at_least_fp32(torch.bmm(q[i:i + chunk], k_t[i:i + chunk]))
-            torch.bmm(scores.softmax(-1).to(v.dtype), v[i:i + chunk], out=out[i:i + chunk])
-    return out.view(B, G, R, N, hd).permute(0, 3, 1, 2, 4).reshape(B, N, num_heads * hd)
-
-
-class _NativeGroupedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, num_heads, num_groups, scale):
-        out, out_t, probs = native.attention_forward(qkv, num_heads, num_groups, scale,
-                                                     save_probs=True, transposed=True)
-        ctx.save_for_backward(qkv, probs)
-        ctx.args = num_heads, num_groups, scale
-        ctx.mark_non_differentiable(out_t)
-        return out, out_t
-
-    @staticmethod
-    def backward(ctx, grad_out, _):
-        qkv, probs = ctx.saved_tensors
-        return native.attention_backward(qkv, probs, grad_out, *ctx.args), None, None, None
-
-
-def native_grouped_attention(qkv: torch.Tensor, num_heads: int, num_groups: int, scale: float
-                             ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Softmax attention of ``scale * q.k`` with the native kernels (:mod:`models.native`).
-
-    qkv (B, N, (H + 2G) hd): the fused projection output, H query heads in the published order
-    (head h uses k/v group h % G), then the G key heads, then the G value heads.
-    Returns out (B, N, H hd), heads in the same order, and, with autograd, out transposed
-    (H hd, B N) for the output projection's weight gradient (else None).
-    """
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        return _NativeGroupedAttention.apply(qkv, num_heads, num_groups, scale)
-    return native.attention_forward(qkv, num_heads, num_groups, scale, save_probs=False)[0], None
 
 
 class GroupedQueryAttention(nn.Module):
     """Grouped-query attention: ``num_heads`` query heads share ``num_groups`` k/v heads.
 
     Query head h uses k/v group ``h % num_groups`` (the published code repeats k/v with
-    ``unsqueeze(2).repeat``, which interleaves groups). The fast path on CPU runs the native
-    kernel (:func:`native_grouped_attention`), which reads that order directly. Otherwise
-    (:func:`grouped_attention_cpu` on CPU, SDPA elsewhere) it orders heads group-major (head j
-    uses group ``j // (num_heads // num_groups)``, as SDPA's ``enable_gqa`` does), so it
-    reorders the rows of ``q_proj`` and the matching input columns of ``out_proj``.
+    ``unsqueeze(2).repeat``, which interleaves groups); :mod:`models.ops.attention` computes
+    it per backend.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, num_groups: int = 4):
@@ -385,59 +226,18 @@ class GroupedQueryAttention(nn.Module):
         self.k_proj = nn.Linear(dim, num_groups * self.head_dim)
         self.v_proj = nn.Linear(dim, num_groups * self.head_dim)
         self.out_proj = nn.Linear(dim, dim)
-        per_group = num_heads // num_groups
-        # SDPA head j = g * per_group + r  <->  published head h = r * num_groups + g
-        sdpa_to_published = [r * num_groups + g for g in range(num_groups)
-                             for r in range(per_group)]
-        self.register_buffer("head_order", torch.tensor(sdpa_to_published), persistent=False)
-        self.use_reference = False
+        self.ops = ops.get()
 
     def forward(self, x: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, N, dim) -> (B, N, dim). x_t: optionally x as a contiguous (dim, B * N)
-        transpose, for the weight gradient of the q/k/v projection (fast path)."""
-        if self.use_reference:
-            return self.forward_reference(x)
-        B, N, _ = x.shape
-        H, G, hd = self.num_heads, self.num_groups, self.head_dim
-        scale = hd ** -0.5
-        if hd <= native.MAX_HEAD_DIM and fast_ops.native_usable(x):  # published head order
-            qkv = linear(x, torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]),
-                         torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]), x_t)
-            out, out_t = native_grouped_attention(qkv, H, G, scale)
-            return linear(out, self.out_proj.weight, self.out_proj.bias, out_t)
-        # scale folded into the query projection, heads reordered group-major
-        q_weight = self.q_proj.weight.view(H, hd, self.dim)[self.head_order].view(self.dim, -1)
-        q_bias = self.q_proj.bias.view(H, hd)[self.head_order].view(-1)
-        qkv = linear(x, torch.cat([q_weight * scale, self.k_proj.weight, self.v_proj.weight]),
-                     torch.cat([q_bias * scale, self.k_proj.bias, self.v_proj.bias]), x_t)
-        q, k, v = qkv.split([H * hd, G * hd, G * hd], dim=-1)
-        if x.device.type == "cpu":
-            out = grouped_attention_cpu(q, k, v, H, G)
-        else:
-            out = F.scaled_dot_product_attention(
-                q.view(B, N, H, hd).transpose(1, 2), k.view(B, N, G, hd).transpose(1, 2),
-                v.view(B, N, G, hd).transpose(1, 2), enable_gqa=True, scale=1.0)
-            out = out.transpose(1, 2).reshape(B, N, self.dim)
-        out_weight = self.out_proj.weight.view(self.dim, H, hd)[:, self.head_order]
-        return linear(out, out_weight.reshape(self.dim, self.dim), self.out_proj.bias)
-
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        H, G, hd = self.num_heads, self.num_groups, self.head_dim
-        q = self.q_proj(x).view(B, N, H, hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, N, 1, G, hd).repeat(1, 1, H // G, 1, 1).view(B, N, H, hd)
-        v = self.v_proj(x).view(B, N, 1, G, hd).repeat(1, 1, H // G, 1, 1).view(B, N, H, hd)
-        attn = (q @ k.permute(0, 2, 3, 1)) * hd ** -0.5
-        out = at_least_fp32(attn).softmax(dim=-1) @ v.transpose(1, 2)  # softmax in fp32
-        return self.out_proj(out.transpose(1, 2).reshape(B, N, self.dim))
+        transpose, for the weight gradient of the q/k/v projection."""
+        qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        qkv_bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        return self.ops.attention(x, qkv_weight, qkv_bias, self.out_proj.weight,
+                                  self.out_proj.bias, self.num_heads, self.num_groups, x_t)
 
 
 # ------------------------------------------------------------------------------ encoder
-
-
-def plain_layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> Tuple[torch.Tensor, None]:
-    """The reference path's norm, with the signature of :func:`models.fast_ops.layer_norm`."""
-    return norm(x), None
 
 
 class LayerStep(NamedTuple):
@@ -462,6 +262,12 @@ class MoETransformerEncoderLayer(nn.Module):
         self.attn = GroupedQueryAttention(m, num_heads, num_groups)
         self.norm2 = nn.LayerNorm(m)
         self.moe = MoELayer(m, dh, num_experts, k, dropout)
+        self.ops = ops.get()
+
+    def _norm(self, x: torch.Tensor, norm: nn.LayerNorm
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(norm(x), its transpose or None; see :mod:`models.ops.norm`)."""
+        return self.ops.layer_norm(x, norm.weight, norm.bias, norm.eps)
 
     def forward(self, x: torch.Tensor, with_loss: bool = True
                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -471,10 +277,9 @@ class MoETransformerEncoderLayer(nn.Module):
 
     def steps(self, x: torch.Tensor, with_loss: bool = True) -> LayerStep:
         """:meth:`forward` with its intermediate tokens and the routing (:class:`LayerStep`)."""
-        # the fast norms also hand their output transposed to the next layers' weight gradients
-        norm = plain_layer_norm if self.attn.use_reference else fast_ops.layer_norm
-        residual = x + self.attn(*norm(x, self.norm1))
-        moe_input, moe_input_t = norm(residual, self.norm2)
+        # a norm may also hand its output transposed to the next layers' weight gradients
+        residual = x + self.attn(*self._norm(x, self.norm1))
+        moe_input, moe_input_t = self._norm(residual, self.norm2)
         moe_output, aux_loss, routing = self.moe.forward_with_routing(moe_input, moe_input_t,
                                                                       with_loss)
         return LayerStep(residual, moe_input, moe_output, residual + moe_output, aux_loss,
@@ -669,7 +474,7 @@ class MOEMAE(nn.Module):
                                       encoder.patch_size ** 2 * encoder.in_chans)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
-        self.use_reference = False  # see use_reference_impl
+        self.ops = ops.get()
 
     def random_masking(self, batch_size: int, mask_ratio: Optional[float] = None,
                        noise: Optional[torch.Tensor] = None, device=None
@@ -711,10 +516,10 @@ class MOEMAE(nn.Module):
         return self._norm(tokens, self.encoder.norm), moe_loss, mask, ids_restore
 
     def _norm(self, x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-        return norm(x) if self.use_reference else fast_ops.layer_norm(x, norm)[0]
+        return self.ops.layer_norm(x, norm.weight, norm.bias, norm.eps)[0]
 
     def _linear(self, x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-        return layer(x) if self.use_reference else linear(x, layer.weight, layer.bias)
+        return self.ops.linear(x, layer.weight, layer.bias)
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent (B, 5 + K, dim), ids_restore (B, N) -> pred (B, N, p*p*C)."""
@@ -803,20 +608,10 @@ def moe_layers(model: nn.Module) -> Iterator[Tuple[str, MoELayer]]:
     return ((name, m) for name, m in model.named_modules() if isinstance(m, MoELayer))
 
 
-@contextlib.contextmanager
 def use_reference_impl(model: nn.Module, enabled: bool = True):
-    """Within the block, attention, MoE and the MAE's decoder run the plain published
-    computation (PyTorch layers only)."""
-    blocks = [m for m in model.modules()
-              if isinstance(m, (MoELayer, NoisyTopKGate, GroupedQueryAttention, MOEMAE))]
-    previous = [m.use_reference for m in blocks]
-    for m in blocks:
-        m.use_reference = enabled
-    try:
-        yield model
-    finally:
-        for m, value in zip(blocks, previous):
-            m.use_reference = value
+    """Within the block (a context manager), ``model`` runs the plain published computation
+    (the ``reference`` backend) when ``enabled``, else the default fast backend."""
+    return ops.use_backend(model, "reference" if enabled else "auto")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -10,7 +10,7 @@ cache, each with a hand-written backward pass:
   (sample, k/v group) pair, reading q, k and v straight from the fused projection output and
   writing the gradient of that output, so no permuted copies are made;
 * :func:`expert_mix_forward` / :func:`expert_mix_backward`: ``V x * sum_j g_j silu(W_j x)``
-  and its gradients (see :mod:`models.fast_moe`);
+  and its gradients (see :mod:`models.ops.experts`);
 * :func:`gate_forward` / :func:`gate_backward`: the noisy top-k gate and its load-balancing
   statistics (importance and Shazeer's smooth load) for one layer in one pass;
 * :func:`layer_norm_forward` / :func:`layer_norm_backward`: LayerNorm in one pass, optionally
@@ -26,14 +26,16 @@ loaded with ctypes. OpenMP comes from the runtime PyTorch already loaded, so bot
 thread pool; kernels use ``torch.get_num_threads()`` threads. Results are deterministic for
 any thread count.
 
-When the kernels cannot be used (no compiler, a failed build, ``MOE_MAE_NATIVE=0``, or
-:func:`models.fast_ops.use_backend` set to ``torch``) the fast path runs on PyTorch ops
-instead, with the same results to fp32 rounding. :func:`status` says which.
+The kernels are registered as PyTorch operators (``torch.ops.moe_mae.*``, end of this file)
+with their gradients, fake implementations for ``torch.compile`` and fp32 autocast, so
+autograd, autocast and compile handle them like built-in ops; the ``native`` backend of
+:mod:`models.ops` calls them. When they cannot be built
+(no compiler, a failed build, ``MOE_MAE_NATIVE=0``) models are built with the ``torch``
+backend instead, which gives the same results to fp32 rounding; :func:`status` says which.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -73,7 +75,6 @@ MAX_TOP_K = 8  # expert_mix_backward keeps one accumulator per routed expert
 MAX_HEAD_DIM = 128  # attention keeps a query row in registers
 MAX_EXPERTS = 8  # the gate keeps a token's logits in registers
 _unavailable_reason: Optional[str] = None
-_enabled = True
 
 
 def _cache_dirs():
@@ -147,24 +148,27 @@ def library() -> Optional[ctypes.CDLL]:
     if (lib.max_head_dim(), lib.max_experts()) != (MAX_HEAD_DIM, MAX_EXPERTS):
         _unavailable_reason = f"{SOURCE.name} and {__name__} disagree on the limits"
         return None
+    rows, keys = _i64(), _i64()
+    lib.attention_probs_shape(7, 6, 3, rows, keys)
+    if (3, rows.value, keys.value) != _probs_shape(1, 7, 6, 3):
+        _unavailable_reason = f"{SOURCE.name} and {__name__} disagree on the probs layout"
+        return None
     return lib
 
 
-def is_enabled() -> bool:
-    """Whether the fast path may use the kernels (see :func:`enabled`)."""
-    return _enabled
+@torch.compiler.assume_constant_result
+def _loaded() -> bool:
+    """Whether :func:`library` loaded (a constant to ``torch.compile``, which need not trace
+    the build)."""
+    return library() is not None
 
 
-@contextlib.contextmanager
-def enabled(flag: bool):
-    """Within the block, the fast path uses the native kernels (True, the default where they
-    build) or PyTorch ops only (False), e.g. to compare the two."""
-    global _enabled
-    previous, _enabled = _enabled, flag
-    try:
-        yield
-    finally:
-        _enabled = previous
+def accepts(*tensors: torch.Tensor) -> bool:
+    """True when the kernels are loaded and can run on these tensors: fp32 on CPU, outside
+    autocast (whose lower-precision inputs they do not take)."""
+    if torch.is_autocast_enabled("cpu") or not _loaded():
+        return False
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 def status() -> str:
@@ -239,7 +243,6 @@ def expert_mix_backward(grad_hidden: torch.Tensor, pre: torch.Tensor, topk_idx: 
     return grad_pre, grad_gates
 
 
-
 def dropout_threshold(p: float) -> Tuple[int, float]:
     """(32-bit drop threshold, scale of kept elements) for drop probability ``p``: elements
     are dropped with probability ``threshold / 2**32`` (``p`` to within 2**-32)."""
@@ -309,3 +312,234 @@ def gate_backward(logits, eps, topk_gates, grad_gates, grad_importance, grad_loa
     library().gate_backward(_p(logits), _p_or_none(eps), _p(topk_gates), *map(_p_or_none, grads),
                             _p(grad_logits), T, logits.shape[1] // 2, k, torch.get_num_threads())
     return grad_logits
+
+
+# ------------------------------------------------------------------ registered operators
+#
+# The kernels as PyTorch operators (``torch.ops.moe_mae.*``): each forward op has its
+# gradient registered (register_autograd), a fake implementation that gives output shapes
+# without running (register_fake, for torch.compile's tracing), and casts its inputs to fp32
+# under CPU autocast (register_autocast: the kernels compute in fp32). Non-differentiable
+# outputs (routing indices, transposed copies, saved statistics) are marked so.
+
+Tensor = torch.Tensor
+PROBS_ROW_BLOCK, PROBS_KEY_BLOCK = 4, 16  # attention_probs_shape's rounding, checked below
+
+
+def _round_up(x, m):
+    return (x + m - 1) // m * m
+
+
+def _probs_shape(B, N, num_heads, num_groups):
+    return (B * num_groups, _round_up(num_heads // num_groups * N, PROBS_ROW_BLOCK),
+            _round_up(N, PROBS_KEY_BLOCK))
+
+
+@torch.library.custom_op("moe_mae::attention", mutates_args=(), device_types="cpu")
+def attention_op(qkv: Tensor, num_heads: int, num_groups: int, scale: float,
+                 for_backward: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`attention_forward` -> (out, out transposed, probs); the last two are empty
+    unless ``for_backward``."""
+    out, out_t, probs = attention_forward(qkv, num_heads, num_groups, scale,
+                                          save_probs=for_backward, transposed=for_backward)
+    if not for_backward:
+        return out, qkv.new_empty(0), qkv.new_empty(0)
+    return out, out_t, probs
+
+
+@attention_op.register_fake
+def _(qkv, num_heads, num_groups, scale, for_backward):
+    B, N, C = qkv.shape
+    width = num_heads * (C // (num_heads + 2 * num_groups))
+    out = qkv.new_empty(B, N, width)
+    if not for_backward:
+        return out, qkv.new_empty(0), qkv.new_empty(0)
+    return out, qkv.new_empty(width, B * N), qkv.new_empty(_probs_shape(B, N, num_heads,
+                                                                        num_groups))
+
+
+@torch.library.custom_op("moe_mae::attention_backward", mutates_args=(), device_types="cpu")
+def attention_backward_op(qkv: Tensor, probs: Tensor, grad_out: Tensor, num_heads: int,
+                          num_groups: int, scale: float) -> Tensor:
+    return attention_backward(qkv.contiguous(), probs, grad_out, num_heads, num_groups, scale)
+
+
+@attention_backward_op.register_fake
+def _(qkv, probs, grad_out, num_heads, num_groups, scale):
+    return torch.empty_like(qkv)
+
+
+def _attention_setup(ctx, inputs, output):
+    qkv, num_heads, num_groups, scale, _ = inputs
+    _, out_t, probs = output
+    ctx.save_for_backward(qkv, probs)
+    ctx.args = num_heads, num_groups, scale
+    ctx.mark_non_differentiable(out_t, probs)
+
+
+def _attention_grad(ctx, grad_out, _out_t, _probs):
+    qkv, probs = ctx.saved_tensors
+    if probs.numel() == 0:
+        raise RuntimeError("moe_mae::attention ran with for_backward=False; it has no gradient")
+    return torch.ops.moe_mae.attention_backward(qkv, probs, grad_out, *ctx.args), None, None, \
+        None, None
+
+
+attention_op.register_autograd(_attention_grad, setup_context=_attention_setup)
+
+
+@torch.library.custom_op("moe_mae::expert_mix", mutates_args=(), device_types="cpu")
+def expert_mix_op(pre: Tensor, topk_idx: Tensor, gates: Tensor) -> Tensor:
+    """:func:`expert_mix_forward`: pre (T, E + 1, dh) -> hidden (T, dh)."""
+    return expert_mix_forward(pre.contiguous(), topk_idx, gates)
+
+
+@expert_mix_op.register_fake
+def _(pre, topk_idx, gates):
+    return pre.new_empty(pre.shape[0], pre.shape[2])
+
+
+@torch.library.custom_op("moe_mae::expert_mix_backward", mutates_args=(), device_types="cpu")
+def expert_mix_backward_op(grad_hidden: Tensor, pre: Tensor, topk_idx: Tensor,
+                           gates: Tensor) -> Tuple[Tensor, Tensor]:
+    return expert_mix_backward(grad_hidden, pre.contiguous(), topk_idx, gates)
+
+
+@expert_mix_backward_op.register_fake
+def _(grad_hidden, pre, topk_idx, gates):
+    return torch.empty_like(pre), torch.empty_like(gates)
+
+
+def _expert_mix_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _expert_mix_grad(ctx, grad_hidden):
+    pre, topk_idx, gates = ctx.saved_tensors
+    grad_pre, grad_gates = torch.ops.moe_mae.expert_mix_backward(grad_hidden, pre, topk_idx,
+                                                                 gates)
+    return grad_pre, None, grad_gates
+
+
+expert_mix_op.register_autograd(_expert_mix_grad, setup_context=_expert_mix_setup)
+
+
+@torch.library.custom_op("moe_mae::layer_norm", mutates_args=(), device_types="cpu")
+def layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
+                  transposed: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`layer_norm_forward` on x (T, C) -> (y, y transposed (C, T) or empty, mean,
+    rstd)."""
+    y, y_t, mean, rstd = layer_norm_forward(x, weight.contiguous(), bias.contiguous(), eps,
+                                            transposed)
+    return y, x.new_empty(0) if y_t is None else y_t, mean, rstd
+
+
+@layer_norm_op.register_fake
+def _(x, weight, bias, eps, transposed):
+    T, C = x.shape
+    return (torch.empty_like(x), x.new_empty(C, T) if transposed else x.new_empty(0),
+            x.new_empty(T), x.new_empty(T))
+
+
+@torch.library.custom_op("moe_mae::layer_norm_backward", mutates_args=(), device_types="cpu")
+def layer_norm_backward_op(x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor,
+                           grad_y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    return layer_norm_backward(x.contiguous(), mean, rstd, weight.contiguous(), grad_y)
+
+
+@layer_norm_backward_op.register_fake
+def _(x, mean, rstd, weight, grad_y):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, _, _, _ = inputs
+    _, y_t, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, weight)
+    ctx.mark_non_differentiable(y_t, mean, rstd)
+
+
+def _layer_norm_grad(ctx, grad_y, _y_t, _mean, _rstd):
+    x, mean, rstd, weight = ctx.saved_tensors
+    grad_x, grad_w, grad_b = torch.ops.moe_mae.layer_norm_backward(x, mean, rstd, weight, grad_y)
+    return grad_x, grad_w, grad_b, None, None
+
+
+layer_norm_op.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup)
+
+
+@torch.library.custom_op("moe_mae::gate", mutates_args=(), device_types="cpu")
+def gate_op(logits: Tensor, eps: Optional[Tensor], k: int
+            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`gate_forward`: logits (T, 2E), eps (T, E) or None -> (topk_idx, topk_gates,
+    noisy, noise_scale, importance, load)."""
+    return gate_forward(logits, eps, k)
+
+
+@gate_op.register_fake
+def _(logits, eps, k):
+    T, E = logits.shape[0], logits.shape[1] // 2
+    return (logits.new_empty(T, k, dtype=torch.int64), logits.new_empty(T, k),
+            logits.new_empty(T, E), logits.new_empty(T, E), logits.new_empty(E),
+            logits.new_empty(E))
+
+
+@torch.library.custom_op("moe_mae::gate_backward", mutates_args=(), device_types="cpu")
+def gate_backward_op(logits: Tensor, eps: Optional[Tensor], topk_gates: Tensor,
+                     grad_gates: Tensor, grad_importance: Tensor, grad_load: Tensor) -> Tensor:
+    return gate_backward(logits.contiguous(), eps, topk_gates, grad_gates, grad_importance,
+                         grad_load)
+
+
+@gate_backward_op.register_fake
+def _(logits, eps, topk_gates, grad_gates, grad_importance, grad_load):
+    return torch.empty_like(logits)
+
+
+def _gate_setup(ctx, inputs, output):
+    logits, eps, _ = inputs
+    topk_idx, gates, noisy, scale, _, _ = output
+    ctx.save_for_backward(logits, eps, gates)
+    ctx.mark_non_differentiable(topk_idx, noisy, scale)
+
+
+def _gate_grad(ctx, _idx, grad_gates, _noisy, _scale, grad_importance, grad_load):
+    logits, eps, gates = ctx.saved_tensors
+    # gradients of unused outputs arrive as zeros: the same result as leaving them out
+    zeros = gates.new_zeros
+    grads = [zeros(shape) if g is None else g for g, shape in
+             ((grad_gates, gates.shape), (grad_importance, logits.shape[1] // 2),
+              (grad_load, logits.shape[1] // 2))]
+    return torch.ops.moe_mae.gate_backward(logits, eps, gates, *grads), None, None
+
+
+gate_op.register_autograd(_gate_grad, setup_context=_gate_setup)
+
+
+@torch.library.custom_op("moe_mae::dropout", mutates_args=(), device_types="cpu")
+def dropout_op(x: Tensor, seed: Tensor, p: float) -> Tensor:
+    """:func:`dropout` with the seed a 0-d int64 tensor (drawn by the caller from PyTorch's
+    generator, so that traced graphs hold no constant seed)."""
+    return dropout(x, int(seed), p)
+
+
+@dropout_op.register_fake
+def _(x, seed, p):
+    return torch.empty_like(x)
+
+
+def _dropout_setup(ctx, inputs, output):
+    _, seed, p = inputs
+    ctx.save_for_backward(seed)
+    ctx.p = p
+
+
+def _dropout_grad(ctx, grad_y):
+    (seed,) = ctx.saved_tensors
+    return torch.ops.moe_mae.dropout(grad_y, seed, ctx.p), None, None
+
+
+dropout_op.register_autograd(_dropout_grad, setup_context=_dropout_setup)
+
+for _op in (attention_op, expert_mix_op, layer_norm_op, gate_op, dropout_op):
+    torch.library.register_autocast(_op, "cpu", torch.float32)
