@@ -1,6 +1,6 @@
 """The whole pipeline on the bundled sample_dataset: what ``make demo`` runs.
 
-    python demo.py [--out runs/demo] [--epochs 12]
+    python demo.py [--out runs/demo] [--epochs 70]
 
 1. pretrain the MoE-MAE S (configs/demo_pretrain.yaml);
 2. evaluate its reconstructions on the BEN-L test split, with figures (configs/eval_moe_mae.yaml);

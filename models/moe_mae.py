@@ -303,6 +303,22 @@ def experts_per_layer(depth: int, experts_per_stage: Tuple[int, int] = (3, 5)) -
     return [first + min(i // stage_size, 2) * (last - first - 1) for i in range(depth)]
 
 
+def sincos_position_embedding(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) 2-D sine-cosine embedding of a row-major patch grid (MAE's init):
+    the first dim / 2 channels encode the row, the rest the column, each as sin and cos of
+    the position at dim / 4 frequencies from 1 down to 1 / 10000."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sine-cosine embedding needs dim % 4 == 0, got {dim}")
+    frequencies = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                                torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for position in (rows.flatten(), cols.flatten()):
+        angles = position[:, None] * frequencies[None]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
 class MOEEncoder(nn.Module):
     """The MoE-MAE encoder.
 
@@ -345,6 +361,9 @@ class MOEEncoder(nn.Module):
             for dh, experts in zip(self.dh_list, self.experts_config))
         self.norm = nn.LayerNorm(embed_dim)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        with torch.no_grad():
+            self.pos_embed[0, num_meta_tokens + 1:] = sincos_position_embedding(self.patch_grid,
+                                                                                embed_dim)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     @property
@@ -473,7 +492,9 @@ class MOEMAE(nn.Module):
         self.decoder_pred = nn.Linear(decoder_embed,
                                       encoder.patch_size ** 2 * encoder.in_chans)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
-        nn.init.trunc_normal_(self.decoder_pos_embed, std=0.02)
+        with torch.no_grad():
+            self.decoder_pos_embed[0] = sincos_position_embedding(encoder.patch_grid,
+                                                                  decoder_embed)
         self.ops = ops.get()
 
     def random_masking(self, batch_size: int, mask_ratio: Optional[float] = None,

@@ -9,7 +9,8 @@ import torch
 from models import ops
 from models.moe_mae import (CLS_INDEX, MODEL_SIZES, MOEMAE, MoELayer, NoisyTopKGate, Routing,
                             build_mae, build_model, count_parameters, load_balancing_loss,
-                            moe_layers, use_reference_impl)
+                            moe_layers, sincos_position_embedding,
+                            use_reference_impl)
 
 LAYOUT_JSON = Path(__file__).resolve().parents[2] / "shared" / "reference" / \
     "moe_mae_state_dict_layout.json"
@@ -112,6 +113,31 @@ def training_step(mae, imgs, meta):
     loss = loss_masked + 0.1 * loss_unmasked + 0.5 * moe_loss
     loss.backward()
     return loss
+
+
+def test_patch_position_embeddings_start_as_2d_sine_cosine():
+    """Encoder and decoder patch positions start from MAE's fixed 2-D sine-cosine table
+    (learned from there): what lets the demo learn spatial structure on 168 chips."""
+    grid, dim = 10, 144
+    table = sincos_position_embedding(grid, dim)
+    assert table.shape == (grid * grid, dim)
+    rows, cols = torch.arange(grid * grid) // grid, torch.arange(grid * grid) % grid
+    # the first half depends on the row only, the second half on the column only
+    assert torch.equal(table[:, :dim // 2], table[rows * grid, :dim // 2])
+    assert torch.equal(table[:, dim // 2:], table[cols, dim // 2:])
+    assert torch.allclose(table[:, 0], torch.sin(rows.float()))  # frequency 1
+    assert torch.allclose(table[:, dim // 4], torch.cos(rows.float()))
+    assert len({tuple(r) for r in table.tolist()}) == grid * grid  # every position distinct
+    mae = mae_of("XXS")
+    encoder = mae.encoder
+    patches = encoder.pos_embed[0, encoder.num_meta_tokens + 1:]
+    assert torch.equal(patches, sincos_position_embedding(encoder.patch_grid, encoder.embed_dim))
+    decoder_dim = mae.decoder_pos_embed.shape[-1]
+    assert torch.equal(mae.decoder_pos_embed[0],
+                       sincos_position_embedding(encoder.patch_grid, decoder_dim))
+    assert encoder.pos_embed.requires_grad and mae.decoder_pos_embed.requires_grad
+    with pytest.raises(ValueError, match="dim % 4"):
+        sincos_position_embedding(grid, 142)
 
 
 def test_every_parameter_receives_a_gradient():
