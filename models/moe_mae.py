@@ -10,8 +10,13 @@ The architecture of arXiv 2509.10919 (about 2.5M parameters for size S):
   routed by a noisy top-2 gate (Shazeer et al. 2017), with an auxiliary load-balancing loss;
 * a two-layer MoE decoder that reconstructs the masked patches (MAE, mask ratio 0.75).
 
-``state_dict()`` uses the published key layout (``../shared/reference``'s JSON lists it), so
-checkpoints go both ways between the published code and this one.
+Parameters are what the fast path computes with: attention's fused ``qkv_weight``, the gate's
+``[Wg; Wnoise]`` ``weight`` and each MoE layer's ``stacked_weight`` ``[W_0; ...; W_{E-1}; V]``
+(and biases), so no step concatenates weights. ``state_dict()`` and ``load_state_dict()`` still
+use the published key layout (``../shared/reference``'s JSON lists it; the split and the
+fusion are hooks, :mod:`models.layout`), so checkpoints go both ways between the published
+code and this one; the published sub-layers (``attn.q_proj``, ``gate.Wg``, ``moe.experts[e]``,
+``moe.V``) remain readable as views of the fused parameters.
 
 This file is the architecture; how each operation (attention, gate, expert mixture, the
 layer norms, linears and dropout around them) is computed is the execution backend's business,
@@ -158,6 +163,10 @@ def load_balancing_loss(routing: Routing, w_importance: float = 1e-2,
 class MoELayer(nn.Module):
     """Sparse mixture of SwiGLU experts with a noisy top-k gate.
 
+    Parameters: ``stacked_weight`` ((E + 1) dh, dim) = ``[W_0; ...; W_{E-1}; V]`` and
+    ``stacked_bias``, and the shared output projection ``W2`` (an ``nn.Linear`` dh -> dim);
+    :attr:`experts` are the published experts as views of them.
+
     Within one layer every expert has its own ``W`` while ``V`` and ``W2`` are shared, so for a
     token with gates g_e (summing to 1 over its top k experts)::
 
@@ -247,7 +256,8 @@ class GroupedQueryAttention(nn.Module):
 
     Query head h uses k/v group ``h % num_groups`` (the published code repeats k/v with
     ``unsqueeze(2).repeat``, which interleaves groups); :mod:`models.ops.attention` computes
-    it per backend.
+    it per backend. Parameters: ``qkv_weight`` ((H + 2 G) hd, dim) = ``[q; k; v]`` and
+    ``qkv_bias``, and ``out_proj``; ``q_proj``, ``k_proj``, ``v_proj`` are views of the rows.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, num_groups: int = 4):
@@ -669,5 +679,6 @@ def use_reference_impl(model: nn.Module, enabled: bool = True):
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (shared V/W2 and the patch_embed alias counted once)."""
+    """Number of parameter values (the published count: shared V/W2 and the patch_embed
+    alias counted once)."""
     return sum(p.numel() for p in model.parameters())
