@@ -16,6 +16,8 @@ plus ``expert_usage_{size}.csv``, ``training_curves_{size}.png`` and the resolve
 ``--resume`` continues from ``pretrained_{size}_last.pth`` (else the published
 ``checkpoint_{size}.pth``): same learning rate at the same step, the remaining epochs only;
 checkpoints of the published code (model, optimizer, scaler, epoch, best loss) resume too.
+Checkpoints hold the model and the optimizer state in the published layout (one entry per
+published parameter, see models/layout.py), so they resume through the published code too.
 A non-finite loss stops the run (exit status 1) within ``training.check_finite_every`` steps
 and always before the epoch's checkpoint, keeping the last good checkpoint; the check stays on
 the device between reads, so a GPU is not stalled every step. ``mixed_precision``: bf16 or fp16
@@ -56,6 +58,7 @@ from tqdm import tqdm
 
 from datasets.bigearthnet import MAX_CHIP_SIZE
 from datasets.builders import FORMATS, build_bigearthnet, check_split_source
+from models.layout import optimizer_state_for, published_optimizer_state
 from models.moe_mae import MAEObjective, build_mae
 from scheduler.schedulers import WarmupCosineLR
 from utils.analysis_utils import RoutingCounter
@@ -357,7 +360,7 @@ def checkpoint_dict(mae, optimizer, scaler, epoch, steps_per_epoch, best_loss, b
         "steps_per_epoch": steps_per_epoch,
         "world_size": dist.world_size,
         "model_state": mae.state_dict(),
-        "opt_state": optimizer.state_dict(),
+        "opt_state": published_optimizer_state(mae, optimizer),  # the published layout
         "scaler_state": scaler_state(scaler),
         "best_loss": best_loss,
         "best_metric": best_metric,
@@ -408,7 +411,7 @@ def resume(path: Path, checkpoint: dict, mae, optimizer, scaler, steps_per_epoch
             "schedule would not continue exactly")
     apply_weights(mae, checkpoint, path)
     try:  # moves the optimizer state to the parameters' device
-        optimizer.load_state_dict(checkpoint["opt_state"])
+        optimizer.load_state_dict(optimizer_state_for(mae, optimizer, checkpoint["opt_state"]))
     except (ValueError, KeyError) as exc:
         raise UserInputError(f"{path}: optimizer state does not fit this model ({exc})") from exc
     if checkpoint.get("scaler_state"):

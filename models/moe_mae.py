@@ -10,8 +10,13 @@ The architecture of arXiv 2509.10919 (about 2.5M parameters for size S):
   routed by a noisy top-2 gate (Shazeer et al. 2017), with an auxiliary load-balancing loss;
 * a two-layer MoE decoder that reconstructs the masked patches (MAE, mask ratio 0.75).
 
-``state_dict()`` uses the published key layout (``../shared/reference``'s JSON lists it), so
-checkpoints go both ways between the published code and this one.
+Parameters are what the fast path computes with: attention's fused ``qkv_weight``, the gate's
+``[Wg; Wnoise]`` ``weight`` and each MoE layer's ``stacked_weight`` ``[W_0; ...; W_{E-1}; V]``
+(and biases), so no step concatenates weights. ``state_dict()`` and ``load_state_dict()`` still
+use the published key layout (``../shared/reference``'s JSON lists it; the split and the
+fusion are hooks, :mod:`models.layout`), so checkpoints go both ways between the published
+code and this one; the published sub-layers (``attn.q_proj``, ``gate.Wg``, ``moe.experts[e]``,
+``moe.V``) remain readable as views of the fused parameters.
 
 This file is the architecture; how each operation (attention, gate, expert mixture, the
 layer norms, linears and dropout around them) is computed is the execution backend's business,
@@ -34,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import ops
+from models.layout import LinearView, Piece, linear_pieces, publish_layout
 from models.ops.gate import Routing
 
 NUM_META_TOKENS = 4  # week, hour, lat, lon
@@ -52,31 +58,38 @@ MODEL_SIZES = {
 # ----------------------------------------------------------------------------- experts
 
 
-class SwiGLU(nn.Module):
-    """One expert: ``W2(silu(W x) * (V x))`` followed by dropout.
+def fused_parameters(*linears: nn.Linear) -> Tuple[nn.Parameter, nn.Parameter]:
+    """The weights and the biases of ``linears`` stacked by rows, as two new parameters: a
+    fused layer initialised exactly as its published sub-layers (each ``nn.Linear``'s own
+    default init on its fan-in)."""
+    return (nn.Parameter(torch.cat([layer.weight for layer in linears]).detach()),
+            nn.Parameter(torch.cat([layer.bias for layer in linears]).detach()))
 
-    ``V`` and ``W2`` are passed in so that all experts of one MoE layer share them; ``W`` is
-    the expert's own. The MoE layer reads the weights (:meth:`MoELayer.stacked_weights`);
-    :meth:`forward` is the published expert, for analysis.
-    """
 
-    def __init__(self, dim: int, hidden: int, shared_V: nn.Linear, shared_W2: nn.Linear,
-                 dropout: float = 0.1):
-        super().__init__()
-        self.W = nn.Linear(dim, hidden)
-        self.V = shared_V
-        self.W2 = shared_W2
-        self.dropout = nn.Dropout(dropout)
+class SwiGLU:
+    """One published expert, ``dropout(W2(silu(W x) * (V x)))``, as a view of its MoE
+    layer's parameters (see :attr:`MoELayer.experts`): ``W`` and ``V`` are rows of the
+    stacked projection, ``W2`` the layer's shared output projection. The MoE layer computes
+    all its experts at once; this per-expert computation is for analysis."""
+
+    def __init__(self, W: LinearView, V: LinearView, W2: nn.Linear, dropout: nn.Dropout):
+        self.W, self.V, self.W2, self.dropout = W, V, W2, dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., dim) -> (..., dim)."""
         return self.dropout(self.W2(F.silu(self.W(x)) * self.V(x)))
+
+    __call__ = forward
 
 
 class NoisyTopKGate(nn.Module):
     """Noisy top-k gating: ``H = Wg x + eps * softplus(Wnoise x)``, ``eps ~ N(0, 1)``.
 
-    The noise is drawn in training mode only; in ``eval()`` the gate routes on the clean
-    logits, so inference is deterministic (the published gate was noisy in eval too).
+    One fused projection ``weight`` (2E, dim) = ``[Wg; Wnoise]`` and ``bias`` (2E,); the
+    published ``Wg`` and ``Wnoise`` are views of it (and its state_dict keys, see
+    :mod:`models.layout`). The noise is drawn in training mode only; in ``eval()`` the gate
+    routes on the clean logits, so inference is deterministic (the published gate was noisy
+    in eval too).
     """
 
     def __init__(self, dim: int, num_experts: int, k: int = 2):
@@ -84,20 +97,32 @@ class NoisyTopKGate(nn.Module):
         if not 0 < k < num_experts:
             raise ValueError(f"top-k gate needs 0 < k < num_experts, got k={k}, "
                              f"num_experts={num_experts}")
-        self.Wg = nn.Linear(dim, num_experts)
-        self.Wnoise = nn.Linear(dim, num_experts)
+        self.weight, self.bias = fused_parameters(nn.Linear(dim, num_experts),  # Wg
+                                                  nn.Linear(dim, num_experts))  # Wnoise
         self.k = k
         self.ops = ops.get()
+        publish_layout(self)
 
     @property
     def num_experts(self) -> int:
-        return self.Wg.out_features
+        return self.weight.shape[0] // 2
+
+    def published_layout(self) -> List[Piece]:
+        E = self.num_experts
+        return (linear_pieces("Wg", "weight", "bias", slice(0, E))
+                + linear_pieces("Wnoise", "weight", "bias", slice(E, 2 * E)))
+
+    @property
+    def Wg(self) -> LinearView:
+        return LinearView(self, "Wg")
+
+    @property
+    def Wnoise(self) -> LinearView:
+        return LinearView(self, "Wnoise")
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (T, dim) -> :class:`Routing` (computed in fp32, see :mod:`models.ops.gate`)."""
-        weight = torch.cat([self.Wg.weight, self.Wnoise.weight])
-        bias = torch.cat([self.Wg.bias, self.Wnoise.bias])
-        return self.ops.gate(x, weight, bias, self.k, self.training)
+        return self.ops.gate(x, self.weight, self.bias, self.k, self.training)
 
 
 def coefficient_of_variation(x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +163,10 @@ def load_balancing_loss(routing: Routing, w_importance: float = 1e-2,
 class MoELayer(nn.Module):
     """Sparse mixture of SwiGLU experts with a noisy top-k gate.
 
+    Parameters: ``stacked_weight`` ((E + 1) dh, dim) = ``[W_0; ...; W_{E-1}; V]`` and
+    ``stacked_bias``, and the shared output projection ``W2`` (an ``nn.Linear`` dh -> dim);
+    :attr:`experts` are the published experts as views of them.
+
     Within one layer every expert has its own ``W`` while ``V`` and ``W2`` are shared, so for a
     token with gates g_e (summing to 1 over its top k experts)::
 
@@ -159,21 +188,39 @@ class MoELayer(nn.Module):
                  dropout: float = 0.1, w_importance: float = 1e-2, w_load: float = 1e-2):
         super().__init__()
         self.dim, self.hidden, self.num_experts, self.k = dim, hidden, num_experts, k
-        shared_V, shared_W2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.experts = nn.ModuleList(
-            SwiGLU(dim, hidden, shared_V, shared_W2, dropout) for _ in range(num_experts))
+        # the published sub-layers, created in the published order (same random init)
+        V, W2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        Ws = [nn.Linear(dim, hidden) for _ in range(num_experts)]
+        self.stacked_weight, self.stacked_bias = fused_parameters(*Ws, V)
+        self.W2 = W2
         self.gate = NoisyTopKGate(dim, num_experts, k)
         self.dropout = nn.Dropout(dropout)
         self.w_importance, self.w_load = w_importance, w_load
         self.ops = ops.get()
+        publish_layout(self)
+
+    def published_layout(self) -> List[Piece]:
+        """Published expert e: ``experts.{e}.W`` (rows e dh..(e + 1) dh of the stack), and
+        copies of the shared ``V`` (the last dh rows) and ``W2``."""
+        E, dh = self.num_experts, self.hidden
+        V_rows = slice(E * dh, (E + 1) * dh)
+        pieces = []
+        for e in range(E):
+            pieces += linear_pieces(f"experts.{e}.W", "stacked_weight", "stacked_bias",
+                                    slice(e * dh, (e + 1) * dh))
+            pieces += linear_pieces(f"experts.{e}.V", "stacked_weight", "stacked_bias", V_rows)
+            pieces += linear_pieces(f"experts.{e}.W2", "W2.weight", "W2.bias", slice(None))
+        return pieces
 
     @property
-    def V(self) -> nn.Linear:
-        return self.experts[0].V
+    def experts(self) -> Tuple[SwiGLU, ...]:
+        """The published experts, as views of the stacked parameters."""
+        return tuple(SwiGLU(LinearView(self, f"experts.{e}.W"), self.V, self.W2, self.dropout)
+                     for e in range(self.num_experts))
 
     @property
-    def W2(self) -> nn.Linear:
-        return self.experts[0].W2
+    def V(self) -> LinearView:
+        return LinearView(self, "experts.0.V")
 
     def forward(self, x: torch.Tensor, x_t: Optional[torch.Tensor] = None,
                 with_loss: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -198,10 +245,7 @@ class MoELayer(nn.Module):
     def stacked_weights(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(``[W_0; ...; W_{E-1}; V]`` weight ((E + 1) dh, dim) and bias, W2 weight (dim, dh)
         and bias): the operands of :mod:`models.ops.experts`."""
-        experts = list(self.experts)
-        return (torch.cat([*(e.W.weight for e in experts), self.V.weight]),
-                torch.cat([*(e.W.bias for e in experts), self.V.bias]),
-                self.W2.weight, self.W2.bias)
+        return self.stacked_weight, self.stacked_bias, self.W2.weight, self.W2.bias
 
 
 # ---------------------------------------------------------------------------- attention
@@ -212,7 +256,8 @@ class GroupedQueryAttention(nn.Module):
 
     Query head h uses k/v group ``h % num_groups`` (the published code repeats k/v with
     ``unsqueeze(2).repeat``, which interleaves groups); :mod:`models.ops.attention` computes
-    it per backend.
+    it per backend. Parameters: ``qkv_weight`` ((H + 2 G) hd, dim) = ``[q; k; v]`` and
+    ``qkv_bias``, and ``out_proj``; ``q_proj``, ``k_proj``, ``v_proj`` are views of the rows.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, num_groups: int = 4):
@@ -222,18 +267,37 @@ class GroupedQueryAttention(nn.Module):
                              f"dim={dim}, num_heads={num_heads}, num_groups={num_groups}")
         self.dim, self.num_heads, self.num_groups = dim, num_heads, num_groups
         self.head_dim = dim // num_heads
-        self.q_proj = nn.Linear(dim, dim)
-        self.k_proj = nn.Linear(dim, num_groups * self.head_dim)
-        self.v_proj = nn.Linear(dim, num_groups * self.head_dim)
+        kv_dim = num_groups * self.head_dim
+        self.qkv_weight, self.qkv_bias = fused_parameters(
+            nn.Linear(dim, dim), nn.Linear(dim, kv_dim), nn.Linear(dim, kv_dim))  # q, k, v
         self.out_proj = nn.Linear(dim, dim)
         self.ops = ops.get()
+        publish_layout(self)
+
+    def published_layout(self) -> List[Piece]:
+        q_dim, kv_dim = self.dim, self.num_groups * self.head_dim
+        return (linear_pieces("q_proj", "qkv_weight", "qkv_bias", slice(0, q_dim))
+                + linear_pieces("k_proj", "qkv_weight", "qkv_bias",
+                                slice(q_dim, q_dim + kv_dim))
+                + linear_pieces("v_proj", "qkv_weight", "qkv_bias",
+                                slice(q_dim + kv_dim, q_dim + 2 * kv_dim)))
+
+    @property
+    def q_proj(self) -> LinearView:
+        return LinearView(self, "q_proj")
+
+    @property
+    def k_proj(self) -> LinearView:
+        return LinearView(self, "k_proj")
+
+    @property
+    def v_proj(self) -> LinearView:
+        return LinearView(self, "v_proj")
 
     def forward(self, x: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, N, dim) -> (B, N, dim). x_t: optionally x as a contiguous (dim, B * N)
         transpose, for the weight gradient of the q/k/v projection."""
-        qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        qkv_bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        return self.ops.attention(x, qkv_weight, qkv_bias, self.out_proj.weight,
+        return self.ops.attention(x, self.qkv_weight, self.qkv_bias, self.out_proj.weight,
                                   self.out_proj.bias, self.num_heads, self.num_groups, x_t)
 
 
@@ -636,5 +700,6 @@ def use_reference_impl(model: nn.Module, enabled: bool = True):
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (shared V/W2 and the patch_embed alias counted once)."""
+    """Number of parameter values (the published count: shared V/W2 and the patch_embed
+    alias counted once)."""
     return sum(p.numel() for p in model.parameters())

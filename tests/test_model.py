@@ -1,16 +1,19 @@
 """The MoE-MAE model: published architecture and layout, fast path vs. the reference oracle."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from models import ops
-from models.moe_mae import (CLS_INDEX, MODEL_SIZES, MOEMAE, MoELayer, NoisyTopKGate, Routing,
-                            build_mae, build_model, count_parameters, load_balancing_loss,
-                            moe_layers, sincos_position_embedding,
+from models.layout import optimizer_state_for, published_optimizer_state
+from models.moe_mae import (CLS_INDEX, MODEL_SIZES, MOEMAE, MAEObjective, MoELayer,
+                            NoisyTopKGate, Routing, build_mae, build_model, count_parameters,
+                            load_balancing_loss, moe_layers, sincos_position_embedding,
                             use_reference_impl)
+from published_model import published_objective, published_parameters
 
 LAYOUT_JSON = Path(__file__).resolve().parents[2] / "shared" / "reference" / \
     "moe_mae_state_dict_layout.json"
@@ -97,6 +100,115 @@ def test_published_state_dict_loads_strictly_and_round_trips(layout, size):
         assert torch.equal(saved[key], value), key
 
 
+@pytest.mark.parametrize("size", list(MODEL_SIZES))
+def test_state_dict_has_the_published_keys_shapes_and_order(layout, size):
+    state = build_mae(size).state_dict()
+    assert [(k, list(v.shape)) for k, v in state.items()] == \
+        list(layout[size]["state_dict"].items())
+
+
+def published_parameter_names(keys):
+    """The published model's ``parameters()`` names: its state_dict keys without the copies
+    of shared modules (each layer's V and W2 are expert 0's; patch_embed is
+    encoder.patch_proj)."""
+    return [k for k in keys if not re.search(r"\.experts\.[1-9]\d*\.(V|W2)\.", k)
+            and not k.startswith("patch_embed.")]
+
+
+def test_the_parameters_are_the_fused_tensors_and_nothing_is_concatenated(monkeypatch):
+    mae = mae_of("XXS").train()
+    names = [name for name, _ in mae.named_parameters()]
+    layer = {name.split(".", 3)[3] for name in names if name.startswith("encoder.layers.0.")}
+    assert layer == {"norm1.weight", "norm1.bias", "attn.qkv_weight", "attn.qkv_bias",
+                     "attn.out_proj.weight", "attn.out_proj.bias", "norm2.weight",
+                     "norm2.bias", "moe.stacked_weight", "moe.stacked_bias", "moe.W2.weight",
+                     "moe.W2.bias", "moe.gate.weight", "moe.gate.bias"}
+    # per layer, fewer published linears (weight and bias): q/k/v become one (2 fewer), the
+    # gate's two one (1 fewer), the E experts' W and V one (E fewer)
+    layers = list(mae.encoder.layers) + list(mae.decoder_layers)
+    published = len(published_parameter_names(mae.state_dict()))
+    assert len(names) == published - sum(2 * (3 + layer.moe.num_experts) for layer in layers)
+
+    def cat_without_parameters(tensors, *args, **kwargs):
+        assert not any(isinstance(t, torch.nn.Parameter) for t in tensors)
+        return cat(tensors, *args, **kwargs)
+
+    cat = torch.cat
+    monkeypatch.setattr(torch, "cat", cat_without_parameters)
+    training_step(mae, *batch(2))
+
+
+def test_the_forward_computes_with_the_loaded_published_tensors():
+    """All experts of a layer loaded with expert 0's W: the mixture is expert 0's published
+    SwiGLU, computed here from the loaded tensors themselves."""
+    torch.manual_seed(0)
+    moe = MoELayer(16, 8, num_experts=4).eval()
+    state = moe.state_dict()
+    for e in range(1, 4):
+        state[f"experts.{e}.W.weight"] = state["experts.0.W.weight"]
+        state[f"experts.{e}.W.bias"] = state["experts.0.W.bias"]
+    state = {k: torch.randn_like(v) if k.startswith("experts.0.") else v.clone()
+             for k, v in state.items()}
+    for e in range(1, 4):  # the copies: the published V and W2 are shared
+        for name in ("W.weight", "W.bias", "V.weight", "V.bias", "W2.weight", "W2.bias"):
+            state[f"experts.{e}.{name}"] = state[f"experts.0.{name}"]
+    moe.load_state_dict(state, strict=True)
+    x = torch.randn(1, 30, 16)
+    linear = torch.nn.functional.linear
+    want = linear(torch.nn.functional.silu(
+        linear(x, state["experts.0.W.weight"], state["experts.0.W.bias"]))
+        * linear(x, state["experts.0.V.weight"], state["experts.0.V.bias"]),
+        state["experts.0.W2.weight"], state["experts.0.W2.bias"])
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x)[0], want, rtol=1e-5, atol=1e-5)
+        for backend in ("reference", "torch"):
+            with ops.use_backend(moe, backend):
+                torch.testing.assert_close(moe(x)[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_published_training_and_ours_agree_and_their_optimizer_states_convert_exactly(layout):
+    """AdamW over published-layout parameters (tests/published_model.py) and over ours, two
+    steps from the same weights: the same weights, and our optimizer state in the published
+    layout is the published optimizer's, bit for bit, both ways."""
+    mae = mae_of("XXS").train()
+    published = published_parameters(mae)
+    assert [n for n, _ in published.named_parameters()] == \
+        published_parameter_names(layout["XXS"]["state_dict"])
+    ours = torch.optim.AdamW(mae.parameters(), lr=1e-3, weight_decay=0.05)
+    theirs = torch.optim.AdamW(published.parameters(), lr=1e-3, weight_decay=0.05)
+    objectives = (MAEObjective(mae), published_objective(mae, published))
+    g = torch.Generator().manual_seed(0)
+    for step in range(2):
+        imgs, noise = torch.randn(4, 7, 40, 40, generator=g), torch.rand(4, 100, generator=g)
+        for objective, optimizer in zip(objectives, (ours, theirs)):
+            with torch.random.fork_rng():
+                torch.manual_seed(step)  # the same gate noise and dropout
+                loss = objective(imgs, noise=noise)["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    for key, value in mae.state_dict().items():
+        assert torch.equal(value, published.state_dict()[key]), key
+
+    def assert_equal_states(a, b):
+        assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys()
+        for i, state in b["state"].items():
+            assert state.keys() == a["state"][i].keys()
+            assert all(torch.equal(a["state"][i][k], v) for k, v in state.items()), i
+
+    saved = published_optimizer_state(mae, ours)
+    assert_equal_states(saved, theirs.state_dict())
+    fresh = torch.optim.AdamW(published_parameters(mae).parameters(), lr=1e-3)
+    fresh.load_state_dict(saved)  # what a published --resume does with our checkpoint
+    assert_equal_states(fresh.state_dict(), theirs.state_dict())
+    for state in (saved, ours.state_dict()):  # either layout back into ours
+        resumed = torch.optim.AdamW(mae.parameters(), lr=1e-3)
+        resumed.load_state_dict(optimizer_state_for(mae, resumed, state))
+        assert_equal_states(resumed.state_dict(), ours.state_dict())
+    with pytest.raises(ValueError, match="optimizer state has"):
+        optimizer_state_for(mae, ours, {"state": {}, "param_groups": [{"params": [0, 1]}]})
+
+
 def test_expert_layout_follows_the_published_schedule():
     encoder = build_model("S")
     assert encoder.experts_config == [3] * 5 + [4] * 5 + [5] * 5
@@ -166,10 +278,11 @@ def test_a_batch_where_an_expert_gets_no_token_still_trains():
     handle.remove()
     assert not (routed[0] == 2).any(), f"{name}: expert 2 still received tokens"
     assert torch.isfinite(loss)
-    # the unused expert still has a (zero) gradient, so DDP sees every parameter
-    assert moe.experts[2].W.weight.grad is not None
-    assert moe.experts[2].W.weight.grad.abs().max() == 0
-    assert moe.experts[0].W.weight.grad.abs().max() > 0
+    # the unused expert's rows of the stacked weight get a zero gradient, so DDP sees every
+    # parameter
+    rows = {piece.key: piece.rows for piece in moe.published_layout()}
+    assert moe.stacked_weight.grad[rows["experts.2.W.weight"]].abs().max() == 0
+    assert moe.stacked_weight.grad[rows["experts.0.W.weight"]].abs().max() > 0
     assert all(p.grad is not None for p in mae.parameters())
 
 

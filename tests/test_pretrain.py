@@ -10,6 +10,7 @@ import yaml
 
 import pretrain_mae
 from models.moe_mae import MAEObjective, build_mae
+from published_model import published_objective, published_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_dataset"
@@ -90,10 +91,12 @@ def test_resume_from_a_published_checkpoint(tmp_path, exit_status):
     with torch.random.fork_rng():  # leaves the test process's global generator as it was
         torch.manual_seed(0)
         mae = build_mae("XXS")
-        optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-3, weight_decay=0.05)
-        MAEObjective(mae)(torch.randn(2, 7, 40, 40))["loss"].backward()
+        weights = published_parameters(mae)  # an optimizer over the published parameters
+        optimizer = torch.optim.AdamW(weights.parameters(), lr=1e-3, weight_decay=0.05)
+        published_objective(mae, weights)(torch.randn(2, 7, 40, 40))["loss"].backward()
         optimizer.step()
-    published = {"epoch": 0, "model_state": mae.state_dict(), "opt_state": optimizer.state_dict(),
+    published = {"epoch": 0, "model_state": weights.state_dict(),
+                 "opt_state": optimizer.state_dict(),
                  "scaler_state": torch.amp.GradScaler("cpu").state_dict(),
                  "best_train_loss": 50.0}
     torch.save(published, run / "checkpoint_XXS.pth")
@@ -199,7 +202,8 @@ def test_a_checkpoint_resumes_through_the_published_resume(tmp_path, exit_status
     config = write_config(tmp_path, epochs=1, dataset_csv=small_split(tmp_path), batch_size=8)
     assert exit_status(pretrain_mae.main, ["--config_yaml", config]) == 0
     checkpoint = torch.load(tmp_path / "run" / "checkpoint_XXS.pth", map_location="cpu")
-    model = build_mae("XXS")
+    mae = build_mae("XXS")
+    model = published_parameters(mae)  # the published model's parameters, in its layout
     model.load_state_dict(checkpoint["model_state"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.05)
     optimizer.load_state_dict(checkpoint["opt_state"])
@@ -209,7 +213,7 @@ def test_a_checkpoint_resumes_through_the_published_resume(tmp_path, exit_status
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        loss = MAEObjective(model)(torch.randn(4, 7, 40, 40))["loss"]
+        loss = published_objective(mae, model)(torch.randn(4, 7, 40, 40))["loss"]
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
