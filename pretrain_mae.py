@@ -60,8 +60,8 @@ from datasets.bigearthnet import MAX_CHIP_SIZE
 from datasets.builders import FORMATS, build_bigearthnet, check_split_source
 from models.layout import optimizer_state_for, published_optimizer_state
 from models.moe_mae import MAEObjective, build_mae
+from models.routing_stats import RoutingCounter
 from scheduler.schedulers import WarmupCosineLR
-from utils.analysis_utils import RoutingCounter
 from utils.checkpoint import (FORMAT_VERSION, apply_weights, load_checkpoint,
                               resolve_legacy_hour, rng_state, scaler_state, set_rng_state)
 from utils.config import (Field, config_arguments, dump_config, fraction, load_config,
