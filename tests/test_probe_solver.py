@@ -178,8 +178,13 @@ def test_spectral_preconditioner_keeps_the_optimum_and_saves_passes():
     x, y = raw_features(n=600, dim=80)
     plain = LogisticRegressionModel(multilabel=True, tol=1e-6, n_jobs=1, precond_rank=0).fit(x, y)
     spectral = LogisticRegressionModel(multilabel=True, tol=1e-6, n_jobs=1).fit(x, y)
+    # both stop at a gradient norm of 1e-6 of the one at zero: the same objective, and
+    # coefficients as close as that tolerance allows on these unscaled features (the last
+    # digits depend on the BLAS kernels of the machine)
+    np.testing.assert_allclose(spectral.fit_report["final_objective"],
+                               plain.fit_report["final_objective"], rtol=1e-7)
     for a, b in zip(plain.model.estimators_, spectral.model.estimators_):
-        assert relative_difference(coefficients(a), coefficients(b)) < 1e-4
+        assert relative_difference(coefficients(a), coefficients(b)) < 1e-3
     assert spectral.fit_report["data_passes"] < 0.8 * plain.fit_report["data_passes"], (
         spectral.fit_report["data_passes"], plain.fit_report["data_passes"])
 
