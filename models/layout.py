@@ -24,7 +24,7 @@ published model (its ``parameters()`` yields shared modules once).
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -43,6 +43,17 @@ def linear_pieces(name: str, weight: str, bias: str, rows: slice) -> List[Piece]
     """The two pieces of a published ``nn.Linear`` ``name`` held in ``rows`` of the fused
     parameters ``weight`` and ``bias``."""
     return [Piece(f"{name}.weight", weight, rows), Piece(f"{name}.bias", bias, rows)]
+
+
+def stacked_linear_pieces(weight: str, bias: str, linears: Sequence[Tuple[str, int]]
+                          ) -> List[Piece]:
+    """The pieces of published ``nn.Linear`` layers stacked by rows, in order, into the fused
+    parameters ``weight`` and ``bias``: ``linears`` gives each one's (name, out_features)."""
+    pieces, start = [], 0
+    for name, rows in linears:
+        pieces += linear_pieces(name, weight, bias, slice(start, start + rows))
+        start += rows
+    return pieces
 
 
 def _rows_key(piece: Piece) -> Tuple[str, int, Optional[int]]:
@@ -139,6 +150,21 @@ class LinearView:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class published_linear:
+    """A class attribute naming a published sub-layer of a module with a
+    ``published_layout()``: reading it gives the :class:`LinearView` of that layer (``key``:
+    its published name, by default the attribute's)."""
+
+    def __init__(self, key: Optional[str] = None):
+        self.key = key
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.key = self.key or name
+
+    def __get__(self, module, owner=None):
+        return self if module is None else LinearView(module, self.key)
 
 
 # ------------------------------------------------------------------- the whole model

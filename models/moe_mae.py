@@ -39,7 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import ops
-from models.layout import LinearView, Piece, linear_pieces, publish_layout
+from models.layout import (LinearView, Piece, linear_pieces, publish_layout,
+                           published_linear, stacked_linear_pieces)
 from models.ops.gate import Routing
 
 NUM_META_TOKENS = 4  # week, hour, lat, lon
@@ -109,16 +110,9 @@ class NoisyTopKGate(nn.Module):
 
     def published_layout(self) -> List[Piece]:
         E = self.num_experts
-        return (linear_pieces("Wg", "weight", "bias", slice(0, E))
-                + linear_pieces("Wnoise", "weight", "bias", slice(E, 2 * E)))
+        return stacked_linear_pieces("weight", "bias", [("Wg", E), ("Wnoise", E)])
 
-    @property
-    def Wg(self) -> LinearView:
-        return LinearView(self, "Wg")
-
-    @property
-    def Wnoise(self) -> LinearView:
-        return LinearView(self, "Wnoise")
+    Wg, Wnoise = published_linear(), published_linear()
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (T, dim) -> :class:`Routing` (computed in fp32, see :mod:`models.ops.gate`)."""
@@ -218,9 +212,7 @@ class MoELayer(nn.Module):
         return tuple(SwiGLU(LinearView(self, f"experts.{e}.W"), self.V, self.W2, self.dropout)
                      for e in range(self.num_experts))
 
-    @property
-    def V(self) -> LinearView:
-        return LinearView(self, "experts.0.V")
+    V = published_linear("experts.0.V")  # the shared V, as published expert 0 holds it
 
     def forward(self, x: torch.Tensor, x_t: Optional[torch.Tensor] = None,
                 with_loss: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -275,24 +267,11 @@ class GroupedQueryAttention(nn.Module):
         publish_layout(self)
 
     def published_layout(self) -> List[Piece]:
-        q_dim, kv_dim = self.dim, self.num_groups * self.head_dim
-        return (linear_pieces("q_proj", "qkv_weight", "qkv_bias", slice(0, q_dim))
-                + linear_pieces("k_proj", "qkv_weight", "qkv_bias",
-                                slice(q_dim, q_dim + kv_dim))
-                + linear_pieces("v_proj", "qkv_weight", "qkv_bias",
-                                slice(q_dim + kv_dim, q_dim + 2 * kv_dim)))
+        kv_dim = self.num_groups * self.head_dim
+        return stacked_linear_pieces("qkv_weight", "qkv_bias",
+                                     [("q_proj", self.dim), ("k_proj", kv_dim), ("v_proj", kv_dim)])
 
-    @property
-    def q_proj(self) -> LinearView:
-        return LinearView(self, "q_proj")
-
-    @property
-    def k_proj(self) -> LinearView:
-        return LinearView(self, "k_proj")
-
-    @property
-    def v_proj(self) -> LinearView:
-        return LinearView(self, "v_proj")
+    q_proj, k_proj, v_proj = published_linear(), published_linear(), published_linear()
 
     def forward(self, x: torch.Tensor, x_t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B, N, dim) -> (B, N, dim). x_t: optionally x as a contiguous (dim, B * N)
