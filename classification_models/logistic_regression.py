@@ -8,8 +8,12 @@ Solvers (``solver=``):
   :class:`~classification_models.rows.RowSource` streamed from disk), to a relative
   gradient-norm tolerance ``tol``. Objective: exactly scikit-learn's, one-vs-rest per label
   (multilabel), one binary problem (two classes), multinomial (three or more classes, as
-  scikit-learn 1.9's ``LogisticRegression`` fits them). ``fit_report`` holds iterations, data
-  passes, the final objective and gradient norm per class.
+  scikit-learn 1.9's ``LogisticRegression`` fits them). With fewer rows than features
+  (``row_space=True``, the default) the same problem is solved exactly on N features per row,
+  the rows of the Cholesky factor of their Gram matrix (:mod:`classification_models.row_space`;
+  e.g. a 2,000-row all-token file: 2,000 instead of 15,120 columns). ``fit_report`` holds
+  iterations, data passes, the final objective and gradient norm per class (of the problem
+  itself, also when it was solved on the row space) and ``row_space`` (None: not used).
 - ``"sag"``: the published solver, scikit-learn ``LogisticRegression(solver="sag",
   max_iter=max_iter, random_state=seed)``, for exact reproduction of old runs. scikit-learn 1.9
   ignores ``LogisticRegression(n_jobs=...)`` (deprecated), so ``n_jobs`` only parallelises the
@@ -33,6 +37,7 @@ from sklearn.multiclass import OneVsRestClassifier, _ConstantPredictor
 from sklearn.preprocessing import LabelBinarizer, StandardScaler
 
 from classification_models.base import Probe
+from classification_models.row_space import row_space_reduction
 from classification_models.rows import ArrayRows, RowSource
 from classification_models.solver import (DEFAULT_TOL, PRECOND_RANK, LogisticProblem, fit_lbfgs,
                                           nystrom_preconditioner, torch_threads)
@@ -62,7 +67,7 @@ class LogisticRegressionModel(Probe):
 
     def __init__(self, scale=False, max_iter=1000, seed=0, multilabel=False, n_jobs=None,
                  verbose=False, solver="lbfgs", C=1.0, tol=DEFAULT_TOL, device="cpu",
-                 block_rows=None, precond_rank=PRECOND_RANK):
+                 block_rows=None, precond_rank=PRECOND_RANK, row_space=True):
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose from {SOLVERS}")
         self.scale = scale
@@ -77,6 +82,7 @@ class LogisticRegressionModel(Probe):
         self.device = device
         self.block_rows = block_rows
         self.precond_rank = precond_rank
+        self.row_space = row_space
         self.scaler: Optional[StandardScaler] = None
         self.model = None
         self.fit_report: Optional[dict] = None
@@ -90,54 +96,76 @@ class LogisticRegressionModel(Probe):
             return self._fit_sag(as_rows(x_train).to_array(), y_train)
         source = as_rows(x_train)
         stats = source.stats()
-        std = safe_scale(stats.var)
         if self.scale:
+            std = safe_scale(stats.var)
             self.scaler = _fitted_scaler(stats, std)
             feature_mean, feature_scale = stats.mean, std
-            precond_mean, precond_std = None, None  # x' is standardised already
         else:
-            self.scaler = None
-            feature_mean = feature_scale = None
-            precond_mean, precond_std = stats.mean, std
-        dim = source.shape[1]
-        with torch_threads(self.n_jobs):
-            penalty = 1.0 if self.scale else float(np.mean(1.0 / std ** 2))
-            spectral = nystrom_preconditioner(
-                source, stats.mean, std, self.precond_rank, 4 * penalty / (self.C * len(source)),
-                self.seed, self.device, self.block_rows)
-        problem_args = dict(C=self.C, feature_mean=feature_mean, feature_scale=feature_scale,
-                            precond_mean=precond_mean, precond_std=precond_std, spectral=spectral,
-                            device=self.device, block_rows=self.block_rows)
-
+            self.scaler = feature_mean = feature_scale = None
         if self.multilabel:
             y_train = y_train.astype(np.uint8)
             positives = y_train.sum(axis=0)
             fitted = np.flatnonzero((positives > 0) & (positives < len(y_train)))
-            coef, report = self._solve(LogisticProblem(
-                source, y_train[:, fitted], len(fitted), False, **problem_args))
-            self.model = _one_vs_rest(self._base_estimator(), y_train, fitted, coef, dim,
-                                      report["iterations"])
+            targets, n_outputs, multinomial = y_train[:, fitted], len(fitted), False
         else:
             classes, y_index = np.unique(y_train, return_inverse=True)
-            if len(classes) == 2:
-                problem = LogisticProblem(source, (y_index == 1)[:, None], 1, False, **problem_args)
-            else:
-                problem = LogisticProblem(source, y_index, len(classes), True, **problem_args)
-            coef, report = self._solve(problem)
+            multinomial = len(classes) > 2
+            targets = y_index if multinomial else (y_index == 1)[:, None]
+            n_outputs = len(classes) if multinomial else 1
+        problem = LogisticProblem(source, targets, n_outputs, multinomial, C=self.C,
+                                  feature_mean=feature_mean, feature_scale=feature_scale,
+                                  device=self.device, block_rows=self.block_rows)
+        coef = self._solve(problem)
+        dim = source.shape[1]
+        if self.multilabel:
+            self.model = _one_vs_rest(self._base_estimator(), y_train, fitted, coef, dim,
+                                      self.fit_report["iterations"])
+        else:
             self.model = _fitted_logistic(self._base_estimator(), classes, coef,
-                                          report["iterations"])
+                                          self.fit_report["iterations"])
         return self
 
-    def _solve(self, problem: LogisticProblem) -> tuple[np.ndarray, dict]:
+    def _solve(self, problem: LogisticProblem) -> np.ndarray:
+        """Coefficients ((D+1, K) on the model's features, intercepts in the last row) at the
+        optimum of ``problem`` (which has no change of variables yet); sets ``fit_report``.
+
+        With fewer rows than features the problem is solved on its row-space reduction
+        (classification_models/row_space.py) and the report's objective and gradient norms are
+        those of ``problem`` itself, at the mapped-back coefficients."""
         with torch_threads(self.n_jobs):
-            coef, report = fit_lbfgs(problem, tol=self.tol, max_iter=self.max_iter,
+            reduction = row_space_reduction(
+                problem.source, problem.source.stats().mean, problem.settings["feature_mean"],
+                problem.settings["feature_scale"], device=self.device,
+                block_rows=self.block_rows) if self.row_space else None
+            solved = problem if reduction is None else problem.replace(
+                source=ArrayRows(reduction.features), feature_mean=None, feature_scale=None)
+            solved = solved.replace(**self._preconditioner(solved))
+            coef, report = fit_lbfgs(solved, tol=self.tol, max_iter=self.max_iter,
                                      verbose=bool(self.verbose))
+            if reduction is not None:
+                coef = reduction.coefficients(coef)
+                report.restate(problem, coef)
         self.fit_report = report.as_dict()
+        self.fit_report["row_space"] = None if reduction is None else reduction.as_dict()
         for status in report.status:
             if status != "converged":
                 warnings.warn(f"lbfgs stopped ({status}) before the gradient tolerance "
                               f"{self.tol}", ConvergenceWarning)
-        return coef, self.fit_report
+        return coef
+
+    def _preconditioner(self, problem: LogisticProblem) -> dict:
+        """The solver's change of variables for ``problem``: column standardisation (unless the
+        model's own ``--scale`` did it) and the spectral preconditioner."""
+        stats = problem.source.stats()
+        std = safe_scale(stats.var)
+        scaled = problem.settings["feature_scale"] is not None
+        # the penalty's mean curvature in the solver's coordinates (u = w * precond_std)
+        penalty = 1.0 if scaled else float(np.mean(1.0 / std ** 2))
+        spectral = nystrom_preconditioner(
+            problem.source, stats.mean, std, self.precond_rank,
+            4 * penalty / (self.C * len(problem.source)), self.seed, self.device, self.block_rows)
+        return dict(precond_mean=None if scaled else stats.mean,
+                    precond_std=None if scaled else std, spectral=spectral)
 
     def _base_estimator(self) -> LogisticRegression:
         return LogisticRegression(C=self.C, tol=self.tol, max_iter=self.max_iter,

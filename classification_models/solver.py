@@ -81,6 +81,20 @@ class FitReport:
     status: list = field(default_factory=list)
     theta: Optional[torch.Tensor] = None  # the solution in solver coordinates
 
+    def restate(self, problem: "LogisticProblem", coef: np.ndarray) -> None:
+        """Objective and gradient norms (at the solution and at zero) of ``problem``, a problem
+        without a change of variables, at ``coef`` ((D+1, K)): for a solution found on an
+        equivalent problem (classification_models/row_space.py), two data passes."""
+        def group_norm(t):
+            return (t * t).sum().sqrt().view(1) if self.multinomial else (t * t).sum(dim=0).sqrt()
+
+        theta = torch.as_tensor(coef, dtype=torch.float64)
+        objective, _, grad = problem.evaluate(theta)
+        _, _, grad_at_zero = problem.evaluate(torch.zeros_like(theta))
+        self.objective = [float(v) for v in objective]
+        self.grad_norm = [float(v) for v in group_norm(grad)]
+        self.grad_norm_at_zero = [float(v) for v in group_norm(grad_at_zero)]
+
     @property
     def converged(self) -> bool:
         return all(status == "converged" for status in self.status)
@@ -111,6 +125,11 @@ class LogisticProblem:
                  C: float = 1.0, feature_mean=None, feature_scale=None, precond_mean=None,
                  precond_std=None, spectral=None, device="cpu",
                  block_rows: Optional[int] = None):
+        self.settings = dict(source=source, targets=targets, n_outputs=n_outputs,
+                             multinomial=multinomial, C=C, feature_mean=feature_mean,
+                             feature_scale=feature_scale, precond_mean=precond_mean,
+                             precond_std=precond_std, spectral=spectral, device=device,
+                             block_rows=block_rows)
         self.source, self.multinomial, self.C = source, multinomial, float(C)
         self.device = torch.device(device)
         self.block_rows = block_rows
@@ -128,6 +147,10 @@ class LogisticProblem:
         self.spectral = None if spectral is None else tuple(
             torch.as_tensor(np.asarray(t, dtype=np.float64)) for t in spectral)
         self.passes = 0
+
+    def replace(self, **changes) -> "LogisticProblem":
+        """This problem with some of its constructor arguments changed."""
+        return LogisticProblem(**{**self.settings, **changes})
 
     # change of variables: theta = (u; c) -> (P u; c) -> model (w; b) on x' -> raw (w; b) on x
     def to_model(self, theta: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.multiclass import OneVsRestClassifier
 
 from classification_models import LogisticRegressionModel
+from classification_models.row_space import row_space_reduction
 from classification_models.rows import ArrayRows, NpzRows, column_stats
 from classification_models.solver import nystrom_preconditioner
 
@@ -95,9 +96,11 @@ def numpy_gradient_norms(x, y, estimators, C=1.0):
     return np.array(norms)
 
 
-def test_gradient_at_the_solution_is_small_on_raw_features():
-    x, y = raw_features()
+@pytest.mark.parametrize("n, dim", [(300, 40), (60, 200)])  # solved on D, and on N features
+def test_gradient_at_the_solution_is_small_on_raw_features(n, dim):
+    x, y = raw_features(n=n, dim=dim)
     model = LogisticRegressionModel(multilabel=True, n_jobs=1).fit(x, y)  # default tolerance
+    assert (model.fit_report["row_space"] is not None) == (n < dim)
     at_solution = numpy_gradient_norms(x, y, model.model.estimators_)
     zero = LogisticRegression()
     zero.coef_, zero.intercept_ = np.zeros((1, x.shape[1])), np.zeros(1)
@@ -154,6 +157,88 @@ def test_scale_fits_on_standardised_features_with_a_published_scaler():
     for ours, theirs in zip(model.model.estimators_, reference.estimators_):
         assert relative_difference(coefficients(ours), coefficients(theirs)) < 1e-4
     np.testing.assert_array_equal(model.predict(x), reference.predict(scaled.transform(x)))
+
+
+# ------------------------------------------- fewer rows than features: the row space
+
+
+def sklearn_reference(x, y, task):
+    estimator = LogisticRegression(tol=1e-10, max_iter=10_000)
+    if task == "multilabel":
+        estimator = OneVsRestClassifier(estimator)
+    return estimator.fit(x.astype(np.float64), y)
+
+
+def estimator_coefficients(model, multiclass: bool) -> np.ndarray:
+    """(K, D+1) coefficients of a fitted LogisticRegression or one-vs-rest of them; multinomial
+    intercepts shifted to mean zero (they are defined up to a common shift)."""
+    estimators = [model] if isinstance(model, LogisticRegression) else model.estimators_
+    coef = np.vstack([coefficients(e) for e in estimators])
+    if multiclass and len(coef) > 2:
+        coef[:, -1] -= coef[:, -1].mean()
+    return coef
+
+
+@pytest.mark.parametrize("scale", [False, True])
+@pytest.mark.parametrize("task", ["multilabel", "multiclass", "binary"])
+def test_fewer_rows_than_features_reach_sklearns_optimum_through_the_row_space(task, scale):
+    if task == "multilabel":
+        x, y = standardised_multilabel(n=80, dim=200)
+    else:
+        x, y = standardised_multiclass(n=80, dim=200, classes=4 if task == "multiclass" else 2)
+    x = x * 0.5 + 0.2  # not exactly standardised: --scale changes something
+    model = LogisticRegressionModel(multilabel=task == "multilabel", scale=scale, tol=1e-7,
+                                    n_jobs=1).fit(x, y)
+    assert model.fit_report["row_space"]["rows"] == 80 and model.fit_report["converged"]
+    seen = model.scaler.transform(x) if scale else x
+    reference = sklearn_reference(seen, y, task)
+    multiclass = task != "multilabel"
+    assert relative_difference(estimator_coefficients(model.model, multiclass),
+                               estimator_coefficients(reference, multiclass)) < 1e-4
+    np.testing.assert_array_equal(model.predict(x), reference.predict(seen))
+    primal = LogisticRegressionModel(multilabel=task == "multilabel", scale=scale, tol=1e-7,
+                                     n_jobs=1, row_space=False).fit(x, y)
+    assert primal.fit_report["row_space"] is None
+    assert relative_difference(estimator_coefficients(model.model, multiclass),
+                               estimator_coefficients(primal.model, multiclass)) < 1e-4
+
+
+def test_row_space_features_give_every_prediction_of_the_original_features(tmp_path):
+    """L L^T is the Gram matrix of the centred rows plus the constant column, streamed in
+    chunks of rows; coefficients (c, b) on the rows of L map to (w, b') on x with the same
+    predictions and a penalty no larger."""
+    x, _ = raw_features(n=50, dim=90)
+    path = tmp_path / "wide.npz"
+    np.savez(path, x=x.astype(np.float16))
+    source = NpzRows(path, "x")
+    x64 = source.to_array().astype(np.float64)
+    mean = x64.mean(axis=0)
+    chunked = row_space_reduction(source, mean, chunk_bytes=7 * 90 * 4, block_rows=5)
+    whole = row_space_reduction(ArrayRows(x.astype(np.float16)), mean)
+    assert chunked.data_passes == 8 and whole.data_passes == 1  # ceil(50 / 7) chunks
+    np.testing.assert_allclose(chunked.features, whole.features, rtol=0,  # float32 products
+                               atol=1e-5 * np.abs(whole.features).max())
+    factor = chunked.factor.numpy()
+    augmented = np.hstack([x64 - mean, np.full((50, 1), chunked.alpha)])
+    np.testing.assert_allclose(factor @ factor.T, augmented @ augmented.T, rtol=1e-5,
+                               atol=1e-5 * np.abs(augmented @ augmented.T).max())
+    reduced = np.random.default_rng(0).normal(size=(51, 3))
+    coef = chunked.coefficients(reduced)
+    assert coef.shape == (91, 3)
+    np.testing.assert_allclose(x64 @ coef[:-1] + coef[-1], factor @ reduced[:-1] + reduced[-1],
+                               rtol=1e-4, atol=1e-4)
+    assert np.all((coef[:-1] ** 2).sum(axis=0) <= (reduced[:-1] ** 2).sum(axis=0) * (1 + 1e-5))
+
+
+def test_repeated_rows_fall_back_to_the_features():
+    x, y = standardised_multilabel(n=40, dim=100)
+    x, y = np.vstack([x, x[:10]]), np.vstack([y, y[:10]])  # 10 rows twice: K is singular
+    assert row_space_reduction(ArrayRows(x), x.mean(axis=0)) is None
+    model = LogisticRegressionModel(multilabel=True, tol=1e-7, n_jobs=1).fit(x, y)
+    assert model.fit_report["row_space"] is None and model.fit_report["converged"]
+    reference = sklearn_reference(x, y, "multilabel")
+    assert relative_difference(estimator_coefficients(model.model, False),
+                               estimator_coefficients(reference, False)) < 1e-4
 
 
 def test_nystrom_sketch_finds_the_top_eigenpairs_of_the_standardised_covariance():
