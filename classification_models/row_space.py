@@ -8,10 +8,10 @@ N < D the problem can therefore be solved on N features per row instead of D, ex
 
 1. Centre (and scale, for ``--scale``) the features: x_c = (x - mean) / s. The centring moves
    ``mean . w`` into the unpenalised intercept, which changes nothing but conditioning. Append a
-   constant column alpha (the rows' typical norm): a_i = [x_c,i, alpha]. A penalised constant
-   column gets weight zero at the optimum, since the intercept does its job without a penalty;
-   it makes the Gram matrix positive definite (centring alone leaves the ones vector in its null
-   space).
+   constant column alpha (``CONSTANT`` times the rows' root-mean-square norm):
+   a_i = [x_c,i, alpha]. A penalised constant column gets weight zero at the optimum, since the
+   intercept does its job without a penalty; it makes the Gram matrix positive definite
+   (centring alone leaves the ones vector in its null space).
 2. The Gram matrix K = A A^T ((N, N), float32 products summed per entry, kept in float64), its
    Cholesky factor K = L L^T. With Q = A^T L^-T ((D + 1, N), orthonormal columns spanning the
    row space), A = L Q^T: the rows of L are the rows of A in the basis Q, and for v = Q c,
@@ -45,7 +45,10 @@ from classification_models.rows import RowSource
 MAX_ROWS = 11_585  # K and L in float64 up to 1 GiB each
 CHUNK_BYTES = 512 << 20  # float32 rows held while the Gram matrix is formed
 MIN_PIVOT = 1e-6  # smallest squared Cholesky pivot relative to mean(diag K): float32 products
-CONSTANT = 0.1  # the constant column, relative to the rows' root-mean-square norm
+# The constant column, relative to the rows' root-mean-square norm: large enough for a
+# well-conditioned factor, small enough that its gradient (alpha * the residuals' sum) does not
+# dominate the gradient at zero that the solver's relative tolerance is measured against.
+CONSTANT = 0.1
 
 
 @dataclass
