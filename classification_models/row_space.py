@@ -25,7 +25,8 @@ N < D the problem can therefore be solved on N features per row instead of D, ex
 Cost: the Gram matrix is N^2 D multiply-adds in large matrix products (the upper triangle, from
 ``ceil(N D * 4 / chunk_bytes)`` streamed passes with one chunk of rows held), against the
 primal solver's hundred-odd memory-bound passes over the D columns; the solver's own passes then
-cost N^2 per class. Memory: K and L, 16 N^2 bytes, plus one chunk. :func:`row_space_reduction`
+cost N^2 per class. Memory: about 20 N^2 bytes (K and L in float64, L in float32 for the
+solver) plus one chunk. :func:`row_space_reduction`
 declines (returns None) where the reduction does not pay or is not safe: N >= D, N above
 ``max_rows``, or a Gram matrix not numerically positive definite (rows that repeat or are
 linearly dependent to float32 precision), and the caller solves the primal problem instead.
@@ -106,7 +107,8 @@ def row_space_reduction(source: RowSource, mean: np.ndarray, feature_mean=None,
              else np.asarray(feature_scale, dtype=np.float64))
     shift = np.zeros(dim) if feature_mean is None else np.asarray(feature_mean, dtype=np.float64)
     device = torch.device(device)
-    gram = torch.zeros(n_rows, n_rows, dtype=torch.float64)
+    # float32: each entry is one float32 product summed inside one matrix product
+    gram = torch.empty(n_rows, n_rows, dtype=torch.float32)
     chunk_rows = max(1, chunk_bytes // (4 * dim))
     passes = 0
     for chunk_start in range(0, n_rows, chunk_rows):
@@ -119,15 +121,15 @@ def row_space_reduction(source: RowSource, mean: np.ndarray, feature_mean=None,
             if end > chunk_start and start < chunk_end:  # this block's rows of the chunk
                 lo, hi = max(start, chunk_start), min(end, chunk_end)
                 chunk[lo - chunk_start:hi - chunk_start] = block[lo - start:hi - start]
-            if end <= chunk_start:
-                continue
-            # upper triangle: rows chunk_start .. min(end, chunk_end) against this block
+            # the chunk's rows up to this block's last one against the block: every entry
+            # (i, j) with i <= j once, written to both triangles
             rows = min(end, chunk_end) - chunk_start
             if rows > 0:
-                gram[chunk_start:chunk_start + rows, start:end] = (
-                    chunk[:rows] @ block.T).double().cpu()
-    upper = torch.triu(gram)
-    gram = upper + upper.T - torch.diag(torch.diagonal(gram))
+                tile = (chunk[:rows] @ block.T).cpu()
+                gram[chunk_start:chunk_start + rows, start:end] = tile
+                gram[start:end, chunk_start:chunk_start + rows] = tile.T
+        del chunk
+    gram = gram.double()
     alpha = CONSTANT * float(torch.diagonal(gram).mean().sqrt())
     gram += alpha ** 2
     factor, info = torch.linalg.cholesky_ex(gram)
@@ -136,7 +138,9 @@ def row_space_reduction(source: RowSource, mean: np.ndarray, feature_mean=None,
     pivots = torch.diagonal(factor) ** 2
     if float(pivots.min()) < MIN_PIVOT * float(torch.diagonal(gram).mean()):
         return None
-    return RowSpace(source=source, features=factor.float().numpy(), factor=factor, mean=mean,
+    del gram
+    features = factor.float().contiguous().numpy()  # LAPACK's factor is column-major
+    return RowSpace(source=source, features=features, factor=factor, mean=mean,
                     scale=scale, offset=(mean - shift) / scale, alpha=alpha,
                     seconds=time.perf_counter() - started, data_passes=passes,
                     block_rows=block_rows)
