@@ -45,6 +45,7 @@ from classification_models.rows import RowSource
 
 MAX_ROWS = 11_585  # K and L in float64 up to 1 GiB each
 CHUNK_BYTES = 512 << 20  # float32 rows held while the Gram matrix is formed
+BLOCK_ROWS = 1024  # rows per streamed block against the chunk (at least): wider products
 MIN_PIVOT = 1e-6  # smallest squared Cholesky pivot relative to mean(diag K): float32 products
 # The constant column, relative to the rows' root-mean-square norm: large enough for a
 # well-conditioned factor, small enough that its gradient (alpha * the residuals' sum) does not
@@ -115,7 +116,8 @@ def row_space_reduction(source: RowSource, mean: np.ndarray, feature_mean=None,
         chunk_end = min(n_rows, chunk_start + chunk_rows)
         chunk = torch.empty(chunk_end - chunk_start, dim, dtype=torch.float32, device=device)
         passes += 1
-        for start, block in _centred_blocks(source, mean, scale, block_rows):
+        for start, block in _centred_blocks(
+                source, mean, scale, block_rows or max(BLOCK_ROWS, source.default_block_rows())):
             end = start + len(block)
             block = block.to(device, non_blocking=True)
             if end > chunk_start and start < chunk_end:  # this block's rows of the chunk
