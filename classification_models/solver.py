@@ -85,15 +85,13 @@ class FitReport:
         """Objective and gradient norms (at the solution and at zero) of ``problem``, a problem
         without a change of variables, at ``coef`` ((D+1, K)): for a solution found on an
         equivalent problem (classification_models/row_space.py), two data passes."""
-        def group_norm(t):
-            return (t * t).sum().sqrt().view(1) if self.multinomial else (t * t).sum(dim=0).sqrt()
-
         theta = torch.as_tensor(coef, dtype=torch.float64)
         objective, _, grad = problem.evaluate(theta)
         _, _, grad_at_zero = problem.evaluate(torch.zeros_like(theta))
         self.objective = [float(v) for v in objective]
-        self.grad_norm = [float(v) for v in group_norm(grad)]
-        self.grad_norm_at_zero = [float(v) for v in group_norm(grad_at_zero)]
+        self.grad_norm = [float(v) for v in _group_sums(grad * grad, self.multinomial).sqrt()]
+        self.grad_norm_at_zero = [float(v) for v in
+                                  _group_sums(grad_at_zero * grad_at_zero, self.multinomial).sqrt()]
 
     @property
     def converged(self) -> bool:
@@ -222,8 +220,8 @@ def fit_lbfgs(problem: LogisticProblem, tol: float = DEFAULT_TOL, max_iter: int 
     report = FitReport(multinomial=multinomial, tol=tol)
     n_groups = 1 if multinomial else n_cols
 
-    def gsum(t):  # (D+1, k) -> per-group sums: (k,) or (1,)
-        return t.sum().view(1) if multinomial else t.sum(dim=0)
+    def gsum(t):
+        return _group_sums(t, multinomial)
 
     def spread(v, k):  # per-group values -> per-column (k,)
         return v.expand(k) if multinomial else v
@@ -383,6 +381,11 @@ def torch_threads(n_jobs: Optional[int]):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def _group_sums(t: torch.Tensor, multinomial: bool) -> torch.Tensor:
+    """(D+1, k) -> per-group sums: (k,) per one-vs-rest column, or (1,) for the multinomial group."""
+    return t.sum().view(1) if multinomial else t.sum(dim=0)
 
 
 def _embed(theta: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
