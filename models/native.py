@@ -375,9 +375,12 @@ def _attention_setup(ctx, inputs, output):
     ctx.save_for_backward(qkv, probs)
     ctx.args = num_heads, num_groups, scale
     ctx.mark_non_differentiable(out_t, probs)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for out_t and probs
 
 
 def _attention_grad(ctx, grad_out, _out_t, _probs):
+    if grad_out is None:
+        return None, None, None, None, None
     qkv, probs = ctx.saved_tensors
     if probs.numel() == 0:
         raise RuntimeError("moe_mae::attention ran with for_backward=False; it has no gradient")
@@ -457,9 +460,12 @@ def _layer_norm_setup(ctx, inputs, output):
     _, y_t, mean, rstd = output
     ctx.save_for_backward(x, mean, rstd, weight)
     ctx.mark_non_differentiable(y_t, mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for y_t, mean and rstd
 
 
 def _layer_norm_grad(ctx, grad_y, _y_t, _mean, _rstd):
+    if grad_y is None:
+        return None, None, None, None, None
     x, mean, rstd, weight = ctx.saved_tensors
     grad_x, grad_w, grad_b = torch.ops.moe_mae.layer_norm_backward(x, mean, rstd, weight, grad_y)
     return grad_x, grad_w, grad_b, None, None
@@ -501,11 +507,12 @@ def _gate_setup(ctx, inputs, output):
     topk_idx, gates, noisy, scale, _, _ = output
     ctx.save_for_backward(logits, eps, gates)
     ctx.mark_non_differentiable(topk_idx, noisy, scale)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for noisy and noise_scale
 
 
 def _gate_grad(ctx, _idx, grad_gates, _noisy, _scale, grad_importance, grad_load):
     logits, eps, gates = ctx.saved_tensors
-    # gradients of unused outputs arrive as zeros: the same result as leaving them out
+    # unused outputs have no gradient (None): zeros give the same result
     zeros = gates.new_zeros
     grads = [zeros(shape) if g is None else g for g, shape in
              ((grad_gates, gates.shape), (grad_importance, logits.shape[1] // 2),
