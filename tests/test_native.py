@@ -38,10 +38,12 @@ def reference_mix(pre, topk_idx, gates):
     return (F.silu(selected) * gates.unsqueeze(-1)).sum(1) * pre[:, experts]
 
 
-# (batch, tokens, heads, groups, head dim): the model's shapes, and odd ones that exercise
-# padding (tokens not a multiple of 16, rows not a multiple of 4) and the generic head dim
+# (batch, tokens, heads, groups, head dim): the model's shapes (head dims 16 and 18: one lane
+# vector, with and without tail dims), and odd ones that exercise padding (tokens not a
+# multiple of 16, rows not a multiple of 4), the longest tail (20), two lane vectors with a
+# tail (33), a padded tail (40, the generic head dim) and a head narrower than a vector (5)
 ATTENTION_SHAPES = [(3, 30, 8, 4, 18), (2, 105, 6, 3, 18), (2, 17, 8, 4, 16), (2, 7, 3, 1, 40),
-                    (1, 1, 2, 2, 5)]
+                    (1, 1, 2, 2, 5), (2, 21, 4, 2, 20), (3, 19, 2, 1, 33)]
 
 
 @needs_native

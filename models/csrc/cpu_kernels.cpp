@@ -24,6 +24,9 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 using idx_t = int64_t;
 
@@ -40,7 +43,18 @@ typedef float vf_unaligned __attribute__((vector_size(64), aligned(4)));
 inline vf load(const float* p) { return *reinterpret_cast<const vf_unaligned*>(p); }
 inline void store(float* p, vf v) { *reinterpret_cast<vf_unaligned*>(p) = v; }
 inline vf splat(float x) { return vf{} + x; }
-inline vf load_tail(const float* p, idx_t n) {  // n < L floats, the rest zero
+// The first n < L floats (the rest zero) / stores only those. With AVX-512, one masked
+// instruction; the element loop would go through the stack (a store-forwarding stall).
+#ifdef __AVX512F__
+inline __mmask16 first_lanes(idx_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+inline vf load_tail(const float* p, idx_t n) {
+  return reinterpret_cast<vf>(_mm512_maskz_loadu_ps(first_lanes(n), p));
+}
+inline void store_tail(float* p, vf v, idx_t n) {
+  _mm512_mask_storeu_ps(p, first_lanes(n), reinterpret_cast<__m512>(v));
+}
+#else
+inline vf load_tail(const float* p, idx_t n) {
   vf v = {};
   for (idx_t l = 0; l < n; ++l) v[l] = p[l];
   return v;
@@ -48,7 +62,12 @@ inline vf load_tail(const float* p, idx_t n) {  // n < L floats, the rest zero
 inline void store_tail(float* p, vf v, idx_t n) {
   for (idx_t l = 0; l < n; ++l) p[l] = v[l];
 }
-// Horizontal reductions in log2(L) shuffle steps.
+#endif
+// Horizontal reductions in log2(L) halving steps (a fixed order: deterministic).
+#ifdef __AVX512F__
+inline float hsum(vf v) { return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v)); }
+inline float hmax(vf v) { return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v)); }
+#else
 inline vf swap_halves(vf v, int width) {
   vi perm;
   for (int l = 0; l < L; ++l) perm[l] = l ^ width;
@@ -65,6 +84,7 @@ inline float hmax(vf v) {
   }
   return v[0];
 }
+#endif
 // Transposes a 16 x 16 tile held as 16 row vectors, in four rounds of two-input shuffles:
 // round w swaps element (r, c) with (r ^ w, c ^ w) where bit w of r and of c differ.
 inline void transpose_tile(vf rows[L]) {
@@ -108,6 +128,16 @@ inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
 
 inline idx_t round_up(idx_t x, idx_t m) { return (x + m - 1) / m * m; }
 
+// Attention splits a head's dims into HV full vectors ("lane" dims: one dim per lane, a
+// multiply-add per key) and TD <= kMaxTailDims tail dims computed with keys in lanes (one
+// multiply-add per 16 keys, then a horizontal sum). At head dim 18, padding the last 2 dims
+// to a second vector would double the work of the products with V and K; a longer tail is
+// padded. Rows are stored padded to W = ceil(hd / L) * L floats either way.
+constexpr int kMaxTailDims = 4;
+inline idx_t lane_vectors(idx_t hd) {
+  return hd >= L && hd % L <= kMaxTailDims ? hd / L : (hd + L - 1) / L;
+}
+
 // Copies rows of width hd from a strided source into (rows, HV * L) zero-padded vectors.
 inline void gather_rows(const float* src, idx_t stride, idx_t rows, idx_t hd, idx_t HV,
                         float* dst) {
@@ -121,17 +151,36 @@ inline void gather_rows(const float* src, idx_t stride, idx_t rows, idx_t hd, id
   }
 }
 
+// Copies `cols` columns of `rows` rows from a strided source transposed into dst (cols, NP),
+// NP >= rows a multiple of L; columns of dst beyond `rows` are zeroed. In 16 x 16 tiles.
+inline void gather_transposed(const float* src, idx_t stride, idx_t rows, idx_t cols, idx_t NP,
+                              float* dst) {
+  vf tile[L];
+  for (idx_t j0 = 0; j0 < NP; j0 += L) {
+    for (idx_t c0 = 0; c0 < cols; c0 += L) {
+      const idx_t n = std::min<idx_t>(L, cols - c0);
+      for (idx_t l = 0; l < L; ++l) {
+        const float* s = src + (j0 + l) * stride + c0;
+        tile[l] = j0 + l >= rows ? vf{} : n == L ? load(s) : load_tail(s, n);
+      }
+      transpose_tile(tile);
+      for (idx_t c = 0; c < n; ++c) store(dst + (c0 + c) * NP + j0, tile[c]);
+    }
+  }
+}
+
 template <int HV_T>
 void attention_forward_impl(const float* qkv, float* out, float* out_t, float* probs, idx_t B,
                             idx_t N, idx_t H, idx_t G, idx_t hd, float scale, int threads) {
-  const idx_t HV = HV_T ? HV_T : (hd + L - 1) / L, W = HV * L;
+  const idx_t SV = (hd + L - 1) / L, W = SV * L;
+  const idx_t HV = HV_T ? HV_T : lane_vectors(hd), TD = std::max<idx_t>(0, hd - HV * L);
   const idx_t R = H / G, C = (H + 2 * G) * hd, NP = round_up(N, L), NB = NP / L;
   const idx_t M = round_up(R * N, RB), out_stride = H * hd;
 #pragma omp parallel num_threads(threads)
   {
     // zero-initialised once: tasks overwrite the same rows and columns and never the padding
-    std::vector<float> kt(hd * NP), v(NP * W), q(M * W), key_bias(NP), key_mask(NP),
-        scratch(RB * NP);
+    std::vector<float> kt(hd * NP), v(NP * W), vt_tail(TD * NP), q(M * W), key_bias(NP),
+        key_mask(NP), scratch(RB * NP);
     for (idx_t j = 0; j < NP; ++j) {  // padded keys: out of the max, and probability exactly 0
       key_bias[j] = j < N ? 0.0f : -1e30f;  // (exp would leave ~1e-38, which is denormal and
       key_mask[j] = j < N ? 1.0f : 0.0f;    // makes the backward pass's arithmetic slow)
@@ -140,11 +189,11 @@ void attention_forward_impl(const float* qkv, float* out, float* out_t, float* p
     for (idx_t task = 0; task < B * G; ++task) {
       const idx_t b = task / G, g = task % G;
       const float* base = qkv + b * N * C;
-      for (idx_t j = 0; j < N; ++j)
-        for (idx_t d = 0; d < hd; ++d) kt[d * NP + j] = base[j * C + (H + g) * hd + d];
-      gather_rows(base + (H + G + g) * hd, C, N, hd, HV, v.data());
+      gather_transposed(base + (H + g) * hd, C, N, hd, NP, kt.data());
+      gather_transposed(base + (H + G + g) * hd + HV * L, C, N, TD, NP, vt_tail.data());
+      gather_rows(base + (H + G + g) * hd, C, N, hd, SV, v.data());
       for (idx_t r = 0; r < R; ++r)
-        gather_rows(base + (g + r * G) * hd, C, N, hd, HV, q.data() + r * N * W);
+        gather_rows(base + (g + r * G) * hd, C, N, hd, SV, q.data() + r * N * W);
       float* task_probs = probs ? probs + task * M * NP : nullptr;
 
       for (idx_t row0 = 0; row0 < M; row0 += RB) {
@@ -173,13 +222,22 @@ void attention_forward_impl(const float* qkv, float* out, float* out_t, float* p
           const float inv = 1.0f / hsum(sum);
           for (idx_t jb = 0; jb < NB; ++jb) store(pr + jb * L, load(pr + jb * L) * inv);
         }
-        // out = p V, head dims in vector lanes
+        // out = p V: lane dims, then the tail dims with keys in lanes
         vf acc[RB][HV_T ? HV_T : kMaxHeadVectors] = {};
         for (idx_t j = 0; j < N; ++j) {
           for (idx_t h = 0; h < HV; ++h) {
             const vf vv = load(v.data() + j * W + h * L);
             for (int r = 0; r < RB; ++r) acc[r][h] += p[r * NP + j] * vv;
           }
+        }
+        float tail[RB][kMaxTailDims];
+        for (idx_t d = 0; d < TD; ++d) {
+          vf sum[RB] = {};
+          for (idx_t jb = 0; jb < NB; ++jb) {
+            const vf vv = load(vt_tail.data() + d * NP + jb * L);
+            for (int r = 0; r < RB; ++r) sum[r] += load(p + r * NP + jb * L) * vv;
+          }
+          for (int r = 0; r < RB; ++r) tail[r][d] = hsum(sum[r]);
         }
         for (int r = 0; r < RB && row0 + r < R * N; ++r) {
           const idx_t row = row0 + r, head = g + row / N * G, i = row % N;
@@ -188,9 +246,11 @@ void attention_forward_impl(const float* qkv, float* out, float* out_t, float* p
             const idx_t n = std::min<idx_t>(L, hd - h * L);
             if (n == L) store(o + h * L, acc[r][h]); else store_tail(o + h * L, acc[r][h], n);
           }
+          for (idx_t d = 0; d < TD; ++d) o[HV * L + d] = tail[r][d];
           if (out_t)  // column b * N + i of out transposed (H * hd, B * N)
             for (idx_t d = 0; d < hd; ++d)
-              out_t[(head * hd + d) * B * N + b * N + i] = acc[r][d / L][d % L];
+              out_t[(head * hd + d) * B * N + b * N + i] =
+                  d < HV * L ? acc[r][d / L][d % L] : tail[r][d - HV * L];
         }
       }
     }
@@ -201,28 +261,31 @@ template <int HV_T>
 void attention_backward_impl(const float* qkv, const float* probs, const float* grad_out,
                              float* grad_qkv, idx_t B, idx_t N, idx_t H, idx_t G, idx_t hd,
                              float scale, int threads) {
-  const idx_t HV = HV_T ? HV_T : (hd + L - 1) / L, W = HV * L;
+  const idx_t SV = (hd + L - 1) / L, W = SV * L;
+  const idx_t HV = HV_T ? HV_T : lane_vectors(hd), TD = std::max<idx_t>(0, hd - HV * L);
   const idx_t R = H / G, C = (H + 2 * G) * hd, NP = round_up(N, L), NB = NP / L;
   const idx_t M = round_up(R * N, RB), out_stride = H * hd;
 #pragma omp parallel num_threads(threads)
   {
     // zero-initialised once: tasks overwrite the same rows and columns and never the padding
     std::vector<float> k(NP * W), vt(hd * NP), q(M * W), go(M * W), dk(NP * W), dv(NP * W),
-        ds(RB * NP);
+        ds(RB * NP), kt_tail(TD * NP), dk_tail(TD * NP), dv_tail(TD * NP);
 #pragma omp for schedule(static)
     for (idx_t task = 0; task < B * G; ++task) {
       const idx_t b = task / G, g = task % G;
       const float* base = qkv + b * N * C;
-      gather_rows(base + (H + g) * hd, C, N, hd, HV, k.data());
-      for (idx_t j = 0; j < N; ++j)
-        for (idx_t d = 0; d < hd; ++d) vt[d * NP + j] = base[j * C + (H + G + g) * hd + d];
+      gather_rows(base + (H + g) * hd, C, N, hd, SV, k.data());
+      gather_transposed(base + (H + G + g) * hd, C, N, hd, NP, vt.data());
+      gather_transposed(base + (H + g) * hd + HV * L, C, N, TD, NP, kt_tail.data());
       for (idx_t r = 0; r < R; ++r) {
-        gather_rows(base + (g + r * G) * hd, C, N, hd, HV, q.data() + r * N * W);
-        gather_rows(grad_out + b * N * out_stride + (g + r * G) * hd, out_stride, N, hd, HV,
+        gather_rows(base + (g + r * G) * hd, C, N, hd, SV, q.data() + r * N * W);
+        gather_rows(grad_out + b * N * out_stride + (g + r * G) * hd, out_stride, N, hd, SV,
                     go.data() + r * N * W);
       }
       std::fill(dk.begin(), dk.begin() + N * W, 0.0f);
       std::fill(dv.begin(), dv.begin() + N * W, 0.0f);
+      std::fill(dk_tail.begin(), dk_tail.end(), 0.0f);
+      std::fill(dv_tail.begin(), dv_tail.end(), 0.0f);
       const float* task_probs = probs + task * M * NP;
 
       for (idx_t row0 = 0; row0 < M; row0 += RB) {
@@ -247,7 +310,7 @@ void attention_backward_impl(const float* qkv, const float* probs, const float* 
             store(ds.data() + o, load(p + o) * (load(ds.data() + o) - dr) * scale);
           }
         }
-        // dV += p^T dO; dK += ds^T Q; dQ = ds K, head dims in vector lanes
+        // dV += p^T dO; dK += ds^T Q; dQ = ds K: lane dims, then the tail dims
         constexpr int HVM = HV_T ? HV_T : kMaxHeadVectors;
         vf qr[RB][HVM], gr[RB][HVM], dq[RB][HVM] = {};
         for (int r = 0; r < RB; ++r)
@@ -269,6 +332,25 @@ void attention_backward_impl(const float* qkv, const float* probs, const float* 
             store(dk.data() + j * W + h * L, dkj);
           }
         }
+        float dq_tail[RB][kMaxTailDims];
+        for (idx_t d = 0; d < TD; ++d) {
+          const idx_t col = HV * L + d;
+          vf sum[RB] = {};
+          for (idx_t jb = 0; jb < NB; ++jb) {
+            const idx_t o = d * NP + jb * L;
+            const vf kk = load(kt_tail.data() + o);
+            vf dvt = load(dv_tail.data() + o), dkt = load(dk_tail.data() + o);
+            for (int r = 0; r < RB; ++r) {
+              const vf pr = load(p + r * NP + jb * L), sr = load(ds.data() + r * NP + jb * L);
+              dvt += go[(row0 + r) * W + col] * pr;
+              dkt += q[(row0 + r) * W + col] * sr;
+              sum[r] += sr * kk;
+            }
+            store(dv_tail.data() + o, dvt);
+            store(dk_tail.data() + o, dkt);
+          }
+          for (int r = 0; r < RB; ++r) dq_tail[r][d] = hsum(sum[r]);
+        }
         for (int r = 0; r < RB && row0 + r < R * N; ++r) {
           const idx_t row = row0 + r, head = g + row / N * G, i = row % N;
           float* o = grad_qkv + (b * N + i) * C + head * hd;
@@ -276,13 +358,18 @@ void attention_backward_impl(const float* qkv, const float* probs, const float* 
             const idx_t n = std::min<idx_t>(L, hd - h * L);
             if (n == L) store(o + h * L, dq[r][h]); else store_tail(o + h * L, dq[r][h], n);
           }
+          for (idx_t d = 0; d < TD; ++d) o[HV * L + d] = dq_tail[r][d];
         }
       }
       for (idx_t j = 0; j < N; ++j) {
         float* row = grad_qkv + (b * N + j) * C;
-        for (idx_t d = 0; d < hd; ++d) {
+        for (idx_t d = 0; d < HV * L && d < hd; ++d) {
           row[(H + g) * hd + d] = dk[j * W + d];
           row[(H + G + g) * hd + d] = dv[j * W + d];
+        }
+        for (idx_t d = 0; d < TD; ++d) {
+          row[(H + g) * hd + HV * L + d] = dk_tail[d * NP + j];
+          row[(H + G + g) * hd + HV * L + d] = dv_tail[d * NP + j];
         }
       }
     }
@@ -303,9 +390,10 @@ void attention_probs_shape(idx_t N, idx_t H, idx_t G, idx_t* rows, idx_t* keys) 
 
 void attention_forward(const float* qkv, float* out, float* out_t, float* probs, idx_t B,
                        idx_t N, idx_t H, idx_t G, idx_t hd, float scale, int threads) {
-  if (hd <= L)
+  const idx_t HV = lane_vectors(hd);
+  if (HV == 1)
     return attention_forward_impl<1>(qkv, out, out_t, probs, B, N, H, G, hd, scale, threads);
-  if (hd <= 2 * L)
+  if (HV == 2)
     return attention_forward_impl<2>(qkv, out, out_t, probs, B, N, H, G, hd, scale, threads);
   attention_forward_impl<0>(qkv, out, out_t, probs, B, N, H, G, hd, scale, threads);
 }
@@ -313,10 +401,11 @@ void attention_forward(const float* qkv, float* out, float* out_t, float* probs,
 void attention_backward(const float* qkv, const float* probs, const float* grad_out,
                         float* grad_qkv, idx_t B, idx_t N, idx_t H, idx_t G, idx_t hd,
                         float scale, int threads) {
-  if (hd <= L)
+  const idx_t HV = lane_vectors(hd);
+  if (HV == 1)
     return attention_backward_impl<1>(qkv, probs, grad_out, grad_qkv, B, N, H, G, hd, scale,
                                       threads);
-  if (hd <= 2 * L)
+  if (HV == 2)
     return attention_backward_impl<2>(qkv, probs, grad_out, grad_qkv, B, N, H, G, hd, scale,
                                       threads);
   attention_backward_impl<0>(qkv, probs, grad_out, grad_qkv, B, N, H, G, hd, scale, threads);
