@@ -375,12 +375,12 @@ def _attention_setup(ctx, inputs, output):
     ctx.save_for_backward(qkv, probs)
     ctx.args = num_heads, num_groups, scale
     ctx.mark_non_differentiable(out_t, probs)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for out_t and probs
+    # out_t and probs get no zero-filled gradients; out always has one (the only
+    # differentiable output)
+    ctx.set_materialize_grads(False)
 
 
 def _attention_grad(ctx, grad_out, _out_t, _probs):
-    if grad_out is None:
-        return None, None, None, None, None
     qkv, probs = ctx.saved_tensors
     if probs.numel() == 0:
         raise RuntimeError("moe_mae::attention ran with for_backward=False; it has no gradient")
@@ -460,12 +460,11 @@ def _layer_norm_setup(ctx, inputs, output):
     _, y_t, mean, rstd = output
     ctx.save_for_backward(x, mean, rstd, weight)
     ctx.mark_non_differentiable(y_t, mean, rstd)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for y_t, mean and rstd
+    # y_t, mean and rstd get no zero-filled gradients; y always has one
+    ctx.set_materialize_grads(False)
 
 
 def _layer_norm_grad(ctx, grad_y, _y_t, _mean, _rstd):
-    if grad_y is None:
-        return None, None, None, None, None
     x, mean, rstd, weight = ctx.saved_tensors
     grad_x, grad_w, grad_b = torch.ops.moe_mae.layer_norm_backward(x, mean, rstd, weight, grad_y)
     return grad_x, grad_w, grad_b, None, None

@@ -173,7 +173,8 @@ template <int HV_T>
 void attention_forward_impl(const float* qkv, float* out, float* out_t, float* probs, idx_t B,
                             idx_t N, idx_t H, idx_t G, idx_t hd, float scale, int threads) {
   const idx_t SV = (hd + L - 1) / L, W = SV * L;
-  const idx_t HV = HV_T ? HV_T : lane_vectors(hd), TD = std::max<idx_t>(0, hd - HV * L);
+  const idx_t HV = HV_T ? HV_T : lane_vectors(hd);
+  const idx_t LD = std::min<idx_t>(HV * L, hd), TD = hd - LD;  // lane dims, tail dims
   const idx_t R = H / G, C = (H + 2 * G) * hd, NP = round_up(N, L), NB = NP / L;
   const idx_t M = round_up(R * N, RB), out_stride = H * hd;
 #pragma omp parallel num_threads(threads)
@@ -190,7 +191,7 @@ void attention_forward_impl(const float* qkv, float* out, float* out_t, float* p
       const idx_t b = task / G, g = task % G;
       const float* base = qkv + b * N * C;
       gather_transposed(base + (H + g) * hd, C, N, hd, NP, kt.data());
-      gather_transposed(base + (H + G + g) * hd + HV * L, C, N, TD, NP, vt_tail.data());
+      gather_transposed(base + (H + G + g) * hd + LD, C, N, TD, NP, vt_tail.data());
       gather_rows(base + (H + G + g) * hd, C, N, hd, SV, v.data());
       for (idx_t r = 0; r < R; ++r)
         gather_rows(base + (g + r * G) * hd, C, N, hd, SV, q.data() + r * N * W);
@@ -246,11 +247,11 @@ void attention_forward_impl(const float* qkv, float* out, float* out_t, float* p
             const idx_t n = std::min<idx_t>(L, hd - h * L);
             if (n == L) store(o + h * L, acc[r][h]); else store_tail(o + h * L, acc[r][h], n);
           }
-          for (idx_t d = 0; d < TD; ++d) o[HV * L + d] = tail[r][d];
+          for (idx_t d = 0; d < TD; ++d) o[LD + d] = tail[r][d];
           if (out_t)  // column b * N + i of out transposed (H * hd, B * N)
             for (idx_t d = 0; d < hd; ++d)
               out_t[(head * hd + d) * B * N + b * N + i] =
-                  d < HV * L ? acc[r][d / L][d % L] : tail[r][d - HV * L];
+                  d < LD ? acc[r][d / L][d % L] : tail[r][d - LD];
         }
       }
     }
@@ -262,7 +263,8 @@ void attention_backward_impl(const float* qkv, const float* probs, const float* 
                              float* grad_qkv, idx_t B, idx_t N, idx_t H, idx_t G, idx_t hd,
                              float scale, int threads) {
   const idx_t SV = (hd + L - 1) / L, W = SV * L;
-  const idx_t HV = HV_T ? HV_T : lane_vectors(hd), TD = std::max<idx_t>(0, hd - HV * L);
+  const idx_t HV = HV_T ? HV_T : lane_vectors(hd);
+  const idx_t LD = std::min<idx_t>(HV * L, hd), TD = hd - LD;  // lane dims, tail dims
   const idx_t R = H / G, C = (H + 2 * G) * hd, NP = round_up(N, L), NB = NP / L;
   const idx_t M = round_up(R * N, RB), out_stride = H * hd;
 #pragma omp parallel num_threads(threads)
@@ -276,7 +278,7 @@ void attention_backward_impl(const float* qkv, const float* probs, const float* 
       const float* base = qkv + b * N * C;
       gather_rows(base + (H + g) * hd, C, N, hd, SV, k.data());
       gather_transposed(base + (H + G + g) * hd, C, N, hd, NP, vt.data());
-      gather_transposed(base + (H + g) * hd + HV * L, C, N, TD, NP, kt_tail.data());
+      gather_transposed(base + (H + g) * hd + LD, C, N, TD, NP, kt_tail.data());
       for (idx_t r = 0; r < R; ++r) {
         gather_rows(base + (g + r * G) * hd, C, N, hd, SV, q.data() + r * N * W);
         gather_rows(grad_out + b * N * out_stride + (g + r * G) * hd, out_stride, N, hd, SV,
@@ -334,7 +336,7 @@ void attention_backward_impl(const float* qkv, const float* probs, const float* 
         }
         float dq_tail[RB][kMaxTailDims];
         for (idx_t d = 0; d < TD; ++d) {
-          const idx_t col = HV * L + d;
+          const idx_t col = LD + d;
           vf sum[RB] = {};
           for (idx_t jb = 0; jb < NB; ++jb) {
             const idx_t o = d * NP + jb * L;
@@ -358,18 +360,18 @@ void attention_backward_impl(const float* qkv, const float* probs, const float* 
             const idx_t n = std::min<idx_t>(L, hd - h * L);
             if (n == L) store(o + h * L, dq[r][h]); else store_tail(o + h * L, dq[r][h], n);
           }
-          for (idx_t d = 0; d < TD; ++d) o[HV * L + d] = dq_tail[r][d];
+          for (idx_t d = 0; d < TD; ++d) o[LD + d] = dq_tail[r][d];
         }
       }
       for (idx_t j = 0; j < N; ++j) {
         float* row = grad_qkv + (b * N + j) * C;
-        for (idx_t d = 0; d < HV * L && d < hd; ++d) {
+        for (idx_t d = 0; d < LD; ++d) {
           row[(H + g) * hd + d] = dk[j * W + d];
           row[(H + G + g) * hd + d] = dv[j * W + d];
         }
         for (idx_t d = 0; d < TD; ++d) {
-          row[(H + g) * hd + HV * L + d] = dk_tail[d * NP + j];
-          row[(H + G + g) * hd + HV * L + d] = dv_tail[d * NP + j];
+          row[(H + g) * hd + LD + d] = dk_tail[d * NP + j];
+          row[(H + G + g) * hd + LD + d] = dv_tail[d * NP + j];
         }
       }
     }
