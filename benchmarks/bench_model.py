@@ -1,6 +1,6 @@
 """Throughput of the fast path against the reference (published) computation, same weights.
 
-    python benchmarks/bench_model.py [--rounds 3] [--quick] [--json out.json]
+    python benchmarks/bench_model.py [--rounds 3] [--quick] [--json out.json] [--baseline DIR]
     python benchmarks/bench_model.py --device cuda [--json out.json]
 
 ``--device cuda`` (see :func:`device_sweep`): training images/s at batch 128, 512 and 2048 and
@@ -28,6 +28,13 @@ alternate over ``--rounds`` rounds, the fast path and the oracle back to back, a
 medians over all rounds (and each round's ratio), so a noisy neighbour slows all workloads
 alike, and no implementation inherits another's freed memory or cache contents.
 
+``--baseline DIR`` also measures an earlier version of this repository checked out in DIR
+(``git worktree add DIR <commit>``) with that version's own ``--worker`` processes, in the same
+rounds, each workload's two versions back to back, and prints both versions' images/s and
+fast / oracle ratios. The ratio depends on the host (its matmul throughput above all, see the
+README), so "not slower than version X" is a statement about two versions measured together on
+one host, not about numbers measured on different hosts.
+
 Achieved GFLOP/s use the model's useful FLOPs (attention, a top-2 MoE with V and W2 once per
 token: :func:`model_flops`), not the extra work either implementation does, against the best
 fp32 matmul throughput measured here (MKL through ``torch.mm``, and oneDNN).
@@ -50,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import native, ops  # noqa: E402
 from models.moe_mae import MAEObjective, MOEEncoder, build_mae  # noqa: E402
 from models.ops.linear import matmul_nt, onednn_available  # noqa: E402
+from utils.errors import fail, run_cli  # noqa: E402
 
 # the backend of each implementation (models/ops)
 BACKEND = {"fast": "auto", "fast_torch_ops": "torch", "oracle": "reference"}
@@ -222,12 +230,62 @@ def print_sweep(device: str, rows) -> None:
             print(f"fast / reference, {w}, {m}: {v / speed[(w, 'reference', m)]:.2f}x")
 
 
+def run_worker(script: Path, workload: str, calls: int) -> list:
+    """Seconds of one workload measured in a fresh process by ``script`` (this file or a
+    baseline's), run from its checkout. A baseline whose worker fails is bad input (one line);
+    this file's worker failing is a bug (its traceback)."""
+    result = subprocess.run([sys.executable, str(script), "--worker", workload, "--calls",
+                             str(calls)], capture_output=True, text=True, cwd=script.parents[1])
+    try:
+        if result.returncode == 0:
+            return json.loads(result.stdout.splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        pass
+    if script == Path(__file__).resolve():
+        raise RuntimeError(f"--worker {workload} failed:\n{result.stderr}")
+    last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    fail(f"--baseline {script.parents[1]}: its worker for {workload} failed: {last}")
+
+
+def baseline_script(checkout: Path) -> Path:
+    """The bench_model.py of another checkout (an earlier version of this repository), whose
+    ``--worker`` processes measure that version's code. UserInputError if there is none."""
+    script = checkout.resolve() / "benchmarks" / "bench_model.py"
+    if not script.is_file():
+        fail(f"--baseline {checkout}: no benchmarks/bench_model.py there")
+    return script
+
+
+def print_against_baseline(checkout: Path, speeds, round_ratios) -> None:
+    """Images/s of every workload in this version and the baseline, and both fast / oracle
+    ratios (medians over the rounds, and per round)."""
+    this, base = speeds["this version"], speeds["baseline"]
+    print()
+    print(f"against the baseline {checkout} (its own bench_model.py workers, run in the same "
+          "rounds, each workload's two versions back to back):")
+    print()
+    print("| workload | this version, images/s | baseline, images/s | this / baseline |")
+    print("|---|---:|---:|---:|")
+    for name in WORKLOADS:
+        print(f"| {name} | {this[name]:.0f} | {base[name]:.0f} | {this[name] / base[name]:.2f}x |")
+    print()
+    for kind, prefix in (("training", "train"), ("inference", "infer")):
+        for version in ("this version", "baseline"):
+            s, per_round = speeds[version], round_ratios[version][kind]
+            print(f"fast / oracle, {kind}, {version}: "
+                  f"{s[f'{prefix}_fast'] / s[f'{prefix}_oracle']:.2f}x (per round "
+                  + ", ".join(f"{v:.2f}x" for v in per_round) + ")")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3,
                         help="processes per workload, run in alternation")
     parser.add_argument("--quick", action="store_true", help="one short round (smoke run)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--baseline", type=Path, metavar="CHECKOUT",
+                        help="also measure this checkout of an earlier version (e.g. made with "
+                             "git worktree add), in the same rounds (CPU method only)")
     parser.add_argument("--device", default="cpu",
                         help="cpu (the multi-process CPU method) or cuda[:i] (device_sweep)")
     parser.add_argument("--worker", choices=WORKLOADS, help=argparse.SUPPRESS)
@@ -238,6 +296,8 @@ def main(argv=None):
         return
 
     if args.device != "cpu":
+        if args.baseline:
+            fail("--baseline: only with the CPU method (--device cpu)")
         rows = device_sweep(args.device, calls=2 if args.quick else 5)
         print_sweep(args.device, rows)
         if args.json:
@@ -245,21 +305,27 @@ def main(argv=None):
         return
 
     rounds = 1 if args.quick else args.rounds
-    seconds = {name: [] for name in WORKLOADS}
-    round_ratios = {"training": [], "inference": []}
+    scripts = {"this version": Path(__file__).resolve()}
+    if args.baseline:
+        scripts["baseline"] = baseline_script(args.baseline)
+    seconds = {version: {name: [] for name in WORKLOADS} for version in scripts}
+    round_ratios = {version: {"training": [], "inference": []} for version in scripts}
     for _ in range(rounds):
-        this_round = {}
+        this_round = {version: {} for version in scripts}
         for name, (training, _, _) in WORKLOADS.items():
             calls = (2 if args.quick else 8) if training else (1 if args.quick else 3)
-            result = subprocess.run([sys.executable, __file__, "--worker", name, "--calls",
-                                     str(calls)], check=True, capture_output=True, text=True)
-            this_round[name] = json.loads(result.stdout.splitlines()[-1])
-            seconds[name] += this_round[name]
-        for kind, prefix in (("training", "train"), ("inference", "infer")):
-            round_ratios[kind].append(statistics.median(this_round[f"{prefix}_oracle"])
-                                      / statistics.median(this_round[f"{prefix}_fast"]))
-    speed = {name: (64 if WORKLOADS[name][0] else 256) / statistics.median(values)
-             for name, values in seconds.items()}
+            for version, script in scripts.items():  # the versions back to back
+                this_round[version][name] = run_worker(script, name, calls)
+                seconds[version][name] += this_round[version][name]
+        for version, measured in this_round.items():
+            for kind, prefix in (("training", "train"), ("inference", "infer")):
+                oracle, fast = (statistics.median(measured[f"{prefix}_{impl}"])
+                                for impl in ("oracle", "fast"))
+                round_ratios[version][kind].append(oracle / fast)
+    speeds = {version: {name: (64 if WORKLOADS[name][0] else 256) / statistics.median(values)
+                        for name, values in per_workload.items()}
+              for version, per_workload in seconds.items()}
+    speed = speeds["this version"]
 
     peaks = matmul_peak()
     peak = max(peaks.values())
@@ -306,13 +372,15 @@ def main(argv=None):
           f"{ratios['inference_both_chunked']:.2f}x)")
     print(f"fast path on PyTorch ops only / oracle: training {ratios['training_torch_ops']:.2f}x,"
           f" inference {ratios['inference_torch_ops']:.2f}x")
-    for kind, values in round_ratios.items():
+    for kind, values in round_ratios["this version"].items():
         print(f"fast / oracle per round ({kind}): " + ", ".join(f"{v:.2f}x" for v in values))
+    if args.baseline:
+        print_against_baseline(args.baseline, speeds, round_ratios)
     if args.json:
-        args.json.write_text(json.dumps({"images_per_second": speed, "seconds": seconds,
+        args.json.write_text(json.dumps({"images_per_second": speeds, "seconds": seconds,
                                          "ratios": ratios, "round_ratios": round_ratios,
                                          "matmul_peak_gflops": peaks}, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
