@@ -302,17 +302,29 @@ def test_killing_the_torchrun_launcher_stops_its_workers(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_sigint_gives_one_line_exit_130_and_intact_files(tmp_path, workers):
     config = write_config(tmp_path, chips=8, epochs=500, num_workers=workers)
-    # a new session, so that the signal goes to the whole group, as Ctrl-C in a terminal does
-    process = subprocess.Popen([sys.executable, str(REPO / "pretrain_mae.py"), "--config_yaml",
-                                str(config)], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # A new session, so that the signal goes to the whole group, as Ctrl-C in a terminal does.
+    # The run starts with SIGINT at its default, as a shell's foreground job does: a suite run
+    # in the background has SIGINT ignored, and an ignored signal stays ignored through exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        process = subprocess.Popen([sys.executable, str(REPO / "pretrain_mae.py"),
+                                    "--config_yaml", str(config)], cwd=REPO, env=ENV,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     run = tmp_path / "run"
-    deadline = time.time() + 180
-    while time.time() < deadline and not (run / CHECKPOINTS[1]).exists():
-        time.sleep(0.1)
-    time.sleep(0.5)  # into training (or a checkpoint write)
-    os.killpg(process.pid, signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (run / CHECKPOINTS[1]).exists():
+            time.sleep(0.1)
+        time.sleep(0.5)  # into training (or a checkpoint write)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:  # a failed test leaves no 500-epoch run behind
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
     assert process.returncode == 130
     assert_one_line_error(stderr, "interrupted")
     last = load(run / CHECKPOINTS[1])
