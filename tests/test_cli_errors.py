@@ -4,11 +4,13 @@ are errors; outputs get the permissions of a plain open() under the umask."""
 
 from __future__ import annotations
 
+import collections
 import errno
 import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -374,6 +376,26 @@ def test_run_cli_turns_interrupts_and_file_errors_into_one_line(capsys, raised, 
         run_cli(main, [])
     assert exit_info.value.code == code
     assert one_line(capsys.readouterr().err).startswith(text)
+
+
+class PressesCtrlC:
+    """Pickles as ``OrderedDict(step=7)``, sending this process SIGINT while torch.save
+    writes it."""
+
+    def __reduce__(self):
+        signal.raise_signal(signal.SIGINT)
+        return collections.OrderedDict, ([("step", 7)],)
+
+
+def test_ctrl_c_during_torch_save_waits_for_a_complete_file(tmp_path):
+    path = tmp_path / "last.pt"
+    with pytest.raises(KeyboardInterrupt):
+        torch_save({"weights": torch.arange(1000.0), "progress": PressesCtrlC()}, path)
+    # the interrupt came after the write: the file is whole, and nothing else is left
+    saved = torch.load(path, weights_only=True)
+    assert saved["progress"] == {"step": 7} and torch.equal(saved["weights"], torch.arange(1000.0))
+    assert [f.name for f in tmp_path.iterdir()] == ["last.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_bugs_keep_their_traceback():

@@ -325,7 +325,7 @@ def test_sigint_gives_one_line_exit_130_and_intact_files(tmp_path, workers):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    assert process.returncode == 130
+    assert process.returncode == 130, stderr[-3000:]
     assert_one_line_error(stderr, "interrupted")
     last = load(run / CHECKPOINTS[1])
     rows = read_rows(run / f"training_metrics_{SIZE}.csv")

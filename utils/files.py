@@ -33,8 +33,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterable, Iterator, List, Optional, Union
 
@@ -106,10 +108,33 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) during the block takes effect when the block ends, with the handler
+    that was in place before (a ``KeyboardInterrupt``, normally). Where no handler can be set
+    (outside the main thread) or SIGINT is ignored, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, None):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
+
+
 def torch_save(obj: Any, path: PathLike) -> None:
     import torch
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    # torch.save's C++ writer calls back into the Python file's write(): a KeyboardInterrupt
+    # raised there leaves the writer broken, and its cleanup raises a RuntimeError (a
+    # traceback instead of "error: interrupted") or aborts the process. So Ctrl-C waits for
+    # the end of the write (milliseconds for a checkpoint); the file is then complete.
+    with interrupts_deferred(), atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)  # through a Python file: a full disk is an OSError, not a RuntimeError
 
 
