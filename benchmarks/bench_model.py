@@ -58,6 +58,7 @@ from models import native, ops  # noqa: E402
 from models.moe_mae import MAEObjective, MOEEncoder, build_mae  # noqa: E402
 from models.ops.linear import matmul_nt, onednn_available  # noqa: E402
 from utils.errors import fail, run_cli  # noqa: E402
+from utils.files import write_text  # noqa: E402
 
 # the backend of each implementation (models/ops)
 BACKEND = {"fast": "auto", "fast_torch_ops": "torch", "oracle": "reference"}
@@ -124,6 +125,7 @@ WORKLOADS = {
     "infer_fast_unchunked": (False, "fast", 256),
     "infer_oracle_chunked": (False, "oracle", 128),
 }
+KINDS = {"training": "train", "inference": "infer"}  # the two ratios: name, workload prefix
 
 
 def measure(workload: str, calls: int) -> list:
@@ -269,7 +271,7 @@ def print_against_baseline(checkout: Path, speeds, round_ratios) -> None:
     for name in WORKLOADS:
         print(f"| {name} | {this[name]:.0f} | {base[name]:.0f} | {this[name] / base[name]:.2f}x |")
     print()
-    for kind, prefix in (("training", "train"), ("inference", "infer")):
+    for kind, prefix in KINDS.items():
         for version in ("this version", "baseline"):
             s, per_round = speeds[version], round_ratios[version][kind]
             print(f"fast / oracle, {kind}, {version}: "
@@ -301,7 +303,7 @@ def main(argv=None):
         rows = device_sweep(args.device, calls=2 if args.quick else 5)
         print_sweep(args.device, rows)
         if args.json:
-            args.json.write_text(json.dumps([list(r) for r in rows], indent=2))
+            write_text(args.json, json.dumps([list(r) for r in rows], indent=2))
         return
 
     rounds = 1 if args.quick else args.rounds
@@ -309,7 +311,7 @@ def main(argv=None):
     if args.baseline:
         scripts["baseline"] = baseline_script(args.baseline)
     seconds = {version: {name: [] for name in WORKLOADS} for version in scripts}
-    round_ratios = {version: {"training": [], "inference": []} for version in scripts}
+    round_ratios = {version: {kind: [] for kind in KINDS} for version in scripts}
     for _ in range(rounds):
         this_round = {version: {} for version in scripts}
         for name, (training, _, _) in WORKLOADS.items():
@@ -318,7 +320,7 @@ def main(argv=None):
                 this_round[version][name] = run_worker(script, name, calls)
                 seconds[version][name] += this_round[version][name]
         for version, measured in this_round.items():
-            for kind, prefix in (("training", "train"), ("inference", "infer")):
+            for kind, prefix in KINDS.items():
                 oracle, fast = (statistics.median(measured[f"{prefix}_{impl}"])
                                 for impl in ("oracle", "fast"))
                 round_ratios[version][kind].append(oracle / fast)
@@ -377,9 +379,9 @@ def main(argv=None):
     if args.baseline:
         print_against_baseline(args.baseline, speeds, round_ratios)
     if args.json:
-        args.json.write_text(json.dumps({"images_per_second": speeds, "seconds": seconds,
-                                         "ratios": ratios, "round_ratios": round_ratios,
-                                         "matmul_peak_gflops": peaks}, indent=2))
+        write_text(args.json, json.dumps({"images_per_second": speeds, "seconds": seconds,
+                                          "ratios": ratios, "round_ratios": round_ratios,
+                                          "matmul_peak_gflops": peaks}, indent=2))
 
 
 if __name__ == "__main__":
